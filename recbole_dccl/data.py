@@ -1,0 +1,77 @@
+"""Which training rows the cloud and the devices hold in each round (the two data protocols of docs/method.md).
+
+``static``: RecBole's split as it is; round 0 trains on all training rows and every round's devices hold all
+their users' training rows. ``incremental``: each user's ``rounds * fresh_interactions`` newest training rows are
+fresh: round 0 trains without them, and round r's devices hold the r-th block of them (oldest block first), which
+the cloud then takes in. Validation and test are RecBole's in both, so every variant meets the same test set.
+RecBole keeps each user's training rows in time order (``order: TO``), which is what "newest" relies on.
+"""
+
+import numpy as np
+import torch
+from recbole.data.dataloader import TrainDataLoader
+
+PROTOCOLS = ("incremental", "static")
+
+
+def positions_from_newest(users):
+    """For rows grouped by user in time order: 0 for each user's newest row, 1 for the one before, ..."""
+    order = np.argsort(users, kind="stable")
+    sorted_users = users[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_users)) + 1]
+    counts = np.diff(np.r_[starts, len(users)])
+    position = np.arange(len(users)) - np.repeat(starts, counts)
+    from_newest = np.empty(len(users), dtype=np.int64)
+    from_newest[order] = np.repeat(counts, counts) - 1 - position
+    return from_newest
+
+
+class RoundSchedule:
+    def __init__(self, config, train_data):
+        self.config = config
+        self.dataset = train_data.dataset
+        self.rounds = config["rounds"]
+        users = self.dataset.inter_feat[self.dataset.uid_field].numpy()
+        from_newest = positions_from_newest(users)
+        if config["protocol"] == "static":
+            self.block = np.zeros(len(users), dtype=np.int64)
+        else:
+            fresh = config["fresh_interactions"]
+            # Block r (1..rounds) of fresh rows; every user keeps at least its oldest row for round 0.
+            oldest = positions_from_newest(users[::-1])[::-1] == 0
+            block = self.rounds - from_newest // fresh
+            self.block = np.where((block >= 1) & ~oldest, block, 0)
+        self.from_newest = from_newest
+
+    def cloud_rows(self):
+        """Rows round 0 trains the cloud on."""
+        return np.flatnonzero(self.block == 0)
+
+    def device_rows(self, round_idx):
+        """Rows the devices hold (and the cloud then takes in) in round ``round_idx`` >= 1."""
+        if self.config["protocol"] == "static":
+            return np.arange(len(self.block))
+        return np.flatnonzero(self.block == round_idx)
+
+    def visible_rows(self, round_idx):
+        """Rows of all data produced up to round ``round_idx``: what a device has seen of its user."""
+        if self.config["protocol"] == "static":
+            return np.arange(len(self.block))
+        return np.flatnonzero(self.block <= round_idx)
+
+    def loader(self, rows, shuffle=True):
+        """A RecBole training dataloader over ``rows`` of the training set."""
+        subset = self.dataset.copy(self.dataset.inter_feat[torch.as_tensor(rows)])
+        return TrainDataLoader(self.config, subset, None, shuffle=shuffle)
+
+    def user_history(self, round_idx, n_users, length):
+        """``[n_users, length]`` item ids of each user's most recent visible interactions, 0-padded on the left."""
+        rows = self.visible_rows(round_idx)
+        inter = self.dataset.inter_feat
+        users = inter[self.dataset.uid_field].numpy()[rows]
+        items = inter[self.dataset.iid_field].numpy()[rows]
+        recent = positions_from_newest(users)
+        keep = recent < length
+        history = np.zeros((n_users, length), dtype=np.int64)
+        history[users[keep], length - 1 - recent[keep]] = items[keep]
+        return torch.from_numpy(history)

@@ -1,0 +1,3 @@
+from recbole_dccl.model.dccl import DCCL
+
+__all__ = ["DCCL"]

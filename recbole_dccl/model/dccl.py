@@ -1,0 +1,125 @@
+r"""DCCL
+################################################
+Reference:
+    Jiangchao Yao et al. "Device-Cloud Collaborative Learning for Recommendation." in KDD 2021.
+    https://arxiv.org/abs/2104.06624
+
+One model, two views. The **cloud** view is the backbone (any RecBole sequential model, W_f) exactly as RecBole
+runs it. The **device** view is the same backbone with a MetaPatch at each patch site whose weights are generated
+from the user's metapatch (looked up by ``USER_ID_FIELD``) through the global shared parameters Theta. The
+auxiliary encoder maps what the cloud knows of a user to a metapatch (MoMoDistill step 2, cold start).
+"""
+
+from contextlib import contextmanager
+
+import torch
+from recbole.model.abstract_recommender import AbstractRecommender
+from recbole.utils import ModelType
+from recbole.utils import get_model as recbole_get_model
+from torch import nn
+
+from recbole_dccl.model.encoder import AuxiliaryEncoder
+from recbole_dccl.model.metapatch import MetaPatch, PatchContext, find_sites, site_output_dims, wrap_site
+from recbole_dccl.model.objectives import NextItemObjective
+
+# Family -> (default patch sites, objective). 'backbone' is the backbone module itself: its output is the
+# representation every sequential model scores items with.
+FAMILIES = {
+    ModelType.SEQUENTIAL: (["backbone"], NextItemObjective),
+}
+HISTORY_LENGTH = 50
+
+
+class DCCL(AbstractRecommender):
+    r"""DCCL wraps a RecBole backbone (the cloud model) and adds per-user MetaPatches (the device models)."""
+
+    is_dccl = True
+    VIEWS = ("cloud", "device")
+
+    @staticmethod
+    def backbone_class_for(name):
+        """The RecBole class of backbone ``name``, refused with a clear message if DCCL cannot wrap it."""
+        backbone_class = recbole_get_model(name)
+        if backbone_class.type not in FAMILIES:
+            supported = ", ".join(family.name.lower() for family in FAMILIES)
+            raise ValueError(
+                f"backbone: [{name}] is a {backbone_class.type.name.lower()} model; "
+                f"DCCL wraps RecBole models of these families: {supported}."
+            )
+        return backbone_class
+
+    def __init__(self, config, dataset):
+        super().__init__()
+        backbone_class = self.backbone_class_for(config["backbone"])
+        self.type = backbone_class.type
+        self.USER_ID = config["USER_ID_FIELD"]
+        self.backbone = backbone_class(config, dataset)
+        default_sites, objective = FAMILIES[self.type]
+        self.objective = objective(self.backbone)
+        self.view = "cloud"
+
+        metapatch_dim, rank = config["metapatch_dim"], config["patch_rank"]
+        sites = find_sites(self.backbone, "backbone", config["patch_sites"] or default_sites)
+        dims = site_output_dims(sites, lambda: self._dry_run(dataset))
+        self.patches = nn.ModuleDict({self._key(name): MetaPatch(dims[name], rank, metapatch_dim) for name in sites})
+        self.context = PatchContext()
+        for name, module in sites.items():
+            wrap_site(module, self.patches[self._key(name)], self.context)
+
+        self.encoder = AuxiliaryEncoder(
+            dataset, metapatch_dim, config["encoder_embedding_size"], config["encoder_hidden_size"]
+        )
+        if not self.encoder.has_profile:
+            self.logger.warning("DCCL: the dataset has no .user profile features; the encoder runs without them.")
+        n_users = dataset.num(self.USER_ID)
+        # metapatch: what each device runs now; uploaded_metapatch: what each device sent after its last training.
+        self.register_buffer("metapatch", torch.zeros(n_users, metapatch_dim))
+        self.register_buffer("uploaded_metapatch", torch.zeros(n_users, metapatch_dim))
+        self.register_buffer("user_history", torch.zeros(n_users, HISTORY_LENGTH, dtype=torch.long), persistent=False)
+
+    @staticmethod
+    def _key(site_name):
+        return site_name.replace(".", "__")
+
+    @torch.no_grad()
+    def _dry_run(self, dataset):
+        training = self.backbone.training
+        self.backbone.eval()
+        try:
+            self.objective.logits(dataset[torch.arange(min(2, len(dataset)))])
+        finally:
+            self.backbone.train(training)
+
+    @contextmanager
+    def patched(self, metapatch):
+        """Run the backbone as the device models of the given metapatch rows (``None``: as the cloud model)."""
+        self.context.metapatch = metapatch
+        try:
+            yield
+        finally:
+            self.context.metapatch = None
+
+    def view_metapatch(self, interaction):
+        """The metapatch rows of the current view: each row's user's in the device view, none in the cloud view."""
+        return self.metapatch[interaction[self.USER_ID]] if self.view == "device" else None
+
+    def forward(self, interaction, metapatch=None):
+        """The objective's logits, of the cloud model or of the device models of ``metapatch`` (one row each)."""
+        with self.patched(metapatch):
+            return self.objective.logits(interaction)
+
+    def encode_metapatch(self, users):
+        """The auxiliary encoder's metapatch for ``users``."""
+        return self.encoder(users, self.user_history[users], self.uploaded_metapatch[users])
+
+    def calculate_loss(self, interaction):
+        with self.patched(self.view_metapatch(interaction)):
+            return self.backbone.calculate_loss(interaction)
+
+    def predict(self, interaction):
+        with self.patched(self.view_metapatch(interaction)):
+            return self.backbone.predict(interaction)
+
+    def full_sort_predict(self, interaction):
+        with self.patched(self.view_metapatch(interaction)):
+            return self.backbone.full_sort_predict(interaction)

@@ -1,0 +1,104 @@
+"""MetaPatch: residual bottleneck patches whose weights are generated from a per-user metapatch.
+
+At a patch site with output ``z`` (last dimension ``d``) the device model computes ``z + relu(z @ D) @ U`` with
+``D = base + sum_k metapatch_k * Theta_D[k]`` (``d x r``) and ``U = sum_k metapatch_k * Theta_U[k]``
+(``r x d``). ``Theta`` and ``base`` are the global shared parameters, learned on the cloud; the metapatch (``k``
+numbers) is all a device learns. ``U`` has no base, so a zero metapatch is exactly the cloud model, and the
+gradient with respect to the metapatch is not zero there (as LoRA starts its up-projection at zero).
+
+Sites are attached by module name, like PEFT's ``target_modules``: the module's ``forward`` is wrapped on the
+instance, which catches both ``module(x)`` and the ``self.forward(...)`` calls RecBole models make on themselves.
+"""
+
+import math
+import re
+
+import torch
+from torch import nn
+
+
+class MetaPatch(nn.Module):
+    """One site's generated residual bottleneck. ``forward(z, metapatch)``: ``z`` is ``[B, ..., d]``, one
+    metapatch row per ``z`` row (``[B, k]``)."""
+
+    def __init__(self, dim, rank, metapatch_dim):
+        super().__init__()
+        self.base_down = nn.Parameter(torch.empty(dim, rank))
+        self.theta_down = nn.Parameter(torch.empty(metapatch_dim, dim, rank))
+        self.theta_up = nn.Parameter(torch.empty(metapatch_dim, rank, dim))
+        nn.init.normal_(self.base_down, std=1.0 / math.sqrt(dim))
+        nn.init.normal_(self.theta_down, std=1.0 / math.sqrt(dim * metapatch_dim))
+        nn.init.normal_(self.theta_up, std=1.0 / math.sqrt(rank * metapatch_dim))
+
+    def forward(self, z, metapatch):
+        rows = z.shape[0]
+        down = self.base_down + torch.einsum("bk,kdr->bdr", metapatch, self.theta_down)
+        up = torch.einsum("bk,krd->brd", metapatch, self.theta_up)
+        flat = z.reshape(rows, -1, z.shape[-1])
+        patch = torch.bmm(torch.relu(torch.bmm(flat, down)), up)
+        return z + patch.reshape(z.shape)
+
+
+class PatchContext:
+    """The metapatch rows of the batch being computed; ``None`` runs the cloud model untouched."""
+
+    def __init__(self):
+        self.metapatch = None
+
+
+def find_sites(root, root_name, patterns):
+    """Names of ``root``'s modules (``root_name`` for ``root`` itself, ``root_name.child`` below) matching any
+    pattern exactly or as a full regex. Unknown patterns raise ``ValueError`` listing the valid names."""
+    modules = {(f"{root_name}.{name}" if name else root_name): module for name, module in root.named_modules()}
+    sites = {}
+    for pattern in patterns:
+        matched = [name for name in modules if name == pattern or re.fullmatch(pattern, name)]
+        if not matched:
+            raise ValueError(
+                f"patch_sites: [{pattern}] matches no module of the backbone. Valid names: {', '.join(modules)}"
+            )
+        sites.update((name, modules[name]) for name in matched)
+    return sites
+
+
+def wrap_site(module, patch_for_output, context):
+    """Make ``module`` add its patch to its output whenever ``context.metapatch`` is set."""
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        output = original(*args, **kwargs)
+        if context.metapatch is None:
+            return output
+        return patch_for_output(output, context.metapatch)
+
+    module.forward = forward
+
+
+def site_output_dims(sites, run):
+    """The last dimension of each site's output, read while ``run()`` drives the model once."""
+    dims = {}
+
+    def recorder(name, original):
+        def forward(*args, **kwargs):
+            output = original(*args, **kwargs)
+            if not isinstance(output, torch.Tensor):
+                raise ValueError(
+                    f"patch_sites: [{name}] returns {type(output).__name__}, not a tensor; "
+                    "choose a module whose output is one tensor."
+                )
+            dims.setdefault(name, output.shape[-1])
+            return output
+
+        return forward
+
+    for name, module in sites.items():
+        module.forward = recorder(name, module.forward)
+    try:
+        run()
+    finally:
+        for module in sites.values():
+            del module.forward  # back to the class's forward
+    missing = [name for name in sites if name not in dims]
+    if missing:
+        raise ValueError(f"patch_sites: {missing} never run when the backbone scores a batch; choose modules on its path.")
+    return dims

@@ -1,0 +1,99 @@
+"""``run_recbole_dccl``: RecBole's ``run_recbole`` with our config, model and trainer look-ups.
+
+It never imports ``recbole.quick_start`` (which pulls in ray, broken on current numpy and setuptools).
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from logging import getLogger
+
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_logger, init_seed, set_color
+
+from recbole_dccl.config import DCCLConfig
+from recbole_dccl.trainer.checkpoint import plain
+from recbole_dccl.utils import get_model, get_trainer
+
+
+def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, verbose=True):
+    """Train and evaluate ``model`` (``DCCL`` or any RecBole model) on ``dataset``; returns RecBole's result dict,
+    plus for DCCL the ``cloud_only``, ``dccl_cloud`` and ``dccl_device`` results and the per-phase history."""
+    config = DCCLConfig(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    if not verbose:
+        logger.setLevel(logging.ERROR)
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data.dataset).to(config["device"])
+    logger.info(model)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    show_progress = config["show_progress"] and verbose
+
+    if getattr(model, "is_dccl", False):
+        best_valid_score, best_valid_result = trainer.fit(
+            train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress, test_data=test_data
+        )
+        result = dict(trainer.report)
+        test_result = result["dccl_device"]["test"]
+        for name in ("cloud_only", "dccl_cloud", "dccl_device"):
+            logger.info(set_color(f"{name} test result", "yellow") + f": {result[name]['test']}")
+    else:
+        best_valid_score, best_valid_result = trainer.fit(
+            train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
+        )
+        test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
+        result = {}
+        logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+        logger.info(set_color("test result", "yellow") + f": {test_result}")
+
+    result.update(
+        best_valid_score=float(best_valid_score),
+        valid_score_bigger=config["valid_metric_bigger"],
+        best_valid_result=plain({k: float(v) for k, v in (best_valid_result or {}).items()}),
+        test_result={k: float(v) for k, v in test_result.items()},
+    )
+    if config["result_file"]:
+        write_result_file(config["result_file"], result)
+        logger.info(set_color("results written to", "blue") + f": {config['result_file']}")
+    return result
+
+
+def write_result_file(path, result):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as file:
+        json.dump(result, file, indent=2)
+    os.replace(temporary, path)
+
+
+def parse_args(argv=None):
+    """RecBole's command line: ``--model``, ``--dataset``, ``--config_files``; every other ``--key=value`` is
+    read by RecBole's ``Config`` from ``sys.argv`` itself."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", "-m", type=str, default="DCCL", help="DCCL or any RecBole model")
+    parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="name of a RecBole dataset")
+    parser.add_argument("--config_files", type=str, default=None, help="space-separated YAML config files")
+    args, _ = parser.parse_known_args(argv)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config_file_list = args.config_files.strip().split(" ") if args.config_files else None
+    run_recbole_dccl(model=args.model, dataset=args.dataset, config_file_list=config_file_list)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""DCCLTrainer: round 0 trains the cloud model as RecBole would; each later round runs the device phase,
+MoMoDistill step 1 and step 2, evaluating the cloud and device views after every phase."""
+
+import copy
+from time import time
+
+import torch
+from recbole.trainer import Trainer
+from recbole.utils import dict2str, set_color
+
+from recbole_dccl.data import RoundSchedule
+from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, plain
+from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
+from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
+
+
+class DCCLTrainer(SafeCheckpointMixin, Trainer):
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.optimizer = self._build_optimizer(params=self.model.backbone.parameters())
+        self.history = []
+        self.phase_seconds = {}
+        self.report = None
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None,
+            test_data=None):
+        """Run round 0 and the DCCL rounds. Returns RecBole's ``(best_valid_score, best_valid_result)`` of the
+        device view; :attr:`report` holds cloud-only, DCCL cloud and DCCL device results and the history. With
+        ``test_data``, every phase is also scored on test (selection still uses valid only)."""
+        self.verbose, self.show_progress = verbose, show_progress
+        self.valid_data, self.test_data = valid_data, test_data
+        schedule = RoundSchedule(self.config, train_data)
+
+        self._pretrain_cloud(schedule, train_data, verbose, show_progress, callback_fn)
+        best = self._record(0, "cloud")
+        for round_idx in range(1, self.config["rounds"] + 1):
+            self.model.user_history = schedule.user_history(round_idx, len(self.model.metapatch), self.model.user_history.shape[1]).to(self.device)
+            device_rows = schedule.device_rows(round_idx)
+            self._device_phase(round_idx, train_data.dataset, device_rows)
+            best = self._record(round_idx, "device", best)
+            teachers = DeviceTeachers(self.model)
+            loader = schedule.loader(device_rows)
+            self._momodistill(round_idx, loader, teachers)
+            best = self._record(round_idx, "momodistill", best)
+            self._learn_shared_parameters(round_idx, loader, teachers)
+            best = self._record(round_idx, "shared", best)
+
+        self.model.load_state_dict(best["device_state"])
+        self.model.view = "device"
+        if saved:
+            self._save_checkpoint(best["device"]["round"], verbose=verbose)
+        self.report = self._report(best)
+        self.best_valid_score = best["device"]["score"]
+        self.best_valid_result = best["device"]["valid"]
+        return self.best_valid_score, self.best_valid_result
+
+    # Phases ---------------------------------------------------------------------------------------------------
+
+    def _pretrain_cloud(self, schedule, train_data, verbose, show_progress, callback_fn):
+        """Round 0: RecBole's own fit with early stopping on valid; the best epoch's weights are kept."""
+        start = time()
+        self.model.view = "cloud"
+        best_state = {}
+
+        def keep_best(epoch_idx, valid_score):
+            if self.cur_step == 0:  # early_stopping just took this epoch as the new best
+                best_state["state"] = copy.deepcopy(self.model.state_dict())
+            if callback_fn:
+                callback_fn(epoch_idx, valid_score)
+
+        loader = schedule.loader(schedule.cloud_rows()) if self.config["protocol"] == "incremental" else train_data
+        self._log(f"round 0: training the cloud model on {len(loader.dataset)} rows")
+        super().fit(loader, self.valid_data, verbose=verbose, saved=False, show_progress=show_progress, callback_fn=keep_best)
+        if best_state:
+            self.model.load_state_dict(best_state["state"])
+        self.phase_seconds["round 0 cloud"] = time() - start
+
+    def _device_phase(self, round_idx, dataset, rows):
+        start = time()
+        settings = DeviceSettings(self.config)
+        local = LocalData.from_rows(dataset, rows, settings.valid_size, self.device)
+        users = local.users
+        result = personalise(self.model, local, self.model.metapatch[users], settings, self.config["seed"] + round_idx)
+        self.model.metapatch[users] = result.metapatch
+        self.model.uploaded_metapatch[users] = result.metapatch
+        seconds = time() - start
+        self.phase_seconds[f"round {round_idx} device"] = seconds
+        self._log(
+            f"round {round_idx} device phase [time: {seconds:.2f}s, devices: {len(users)}, rows: {len(rows)}, "
+            f"adopted their patch: {int(result.adopted.sum())}]"
+        )
+
+    def _momodistill(self, round_idx, loader, teachers):
+        start = time()
+        optimizer = self._build_optimizer(params=self.model.backbone.parameters())
+        for epoch in range(self.config["cloud_epochs"]):
+            loss = distill_cloud_epoch(self.model, loader, optimizer, teachers, self.config)
+            self._log(f"round {round_idx} momodistill epoch {epoch} [train loss: {loss:.4f}]")
+        self.phase_seconds[f"round {round_idx} momodistill"] = time() - start
+
+    def _learn_shared_parameters(self, round_idx, loader, teachers):
+        start = time()
+        params = list(self.model.patches.parameters()) + list(self.model.encoder.parameters())
+        optimizer = self._build_optimizer(params=params, learning_rate=self.config["shared_learning_rate"])
+        for epoch in range(self.config["shared_epochs"]):
+            loss = shared_parameters_epoch(self.model, loader, optimizer, teachers, self.config)
+            self._log(f"round {round_idx} shared parameters epoch {epoch} [train loss: {loss:.4f}]")
+        with torch.no_grad():
+            users = torch.arange(len(self.model.metapatch), device=self.device)
+            self.model.metapatch.copy_(self.model.encode_metapatch(users))
+        self.phase_seconds[f"round {round_idx} shared"] = time() - start
+
+    # Evaluation and bookkeeping --------------------------------------------------------------------------------
+
+    def _evaluate_view(self, data, view):
+        self.model.view = view
+        result = self.evaluate(data, load_best_model=False, show_progress=self.show_progress)
+        return {key: float(value) for key, value in result.items()}
+
+    def _record(self, round_idx, phase, best=None):
+        """Score both views after a phase, log them, and keep the best of each view on valid."""
+        entry = {"round": round_idx, "phase": phase}
+        best = best or {}
+        for view in self.model.VIEWS:
+            scores = {"valid": self._evaluate_view(self.valid_data, view)}
+            if self.test_data is not None:
+                scores["test"] = self._evaluate_view(self.test_data, view)
+            scores["score"] = scores["valid"][self.valid_metric]
+            entry[view] = scores
+            if self.verbose:
+                self.logger.info(
+                    set_color(f"round {round_idx} {phase} {view} view valid", "blue") + ": " + dict2str(scores["valid"])
+                )
+            if view not in best or self._better(scores["score"], best[view]["score"]):
+                best[view] = {"round": round_idx, "phase": phase, **scores}
+                if view == "device":
+                    best["device_state"] = copy.deepcopy(self.model.state_dict())
+        if round_idx == 0:
+            best["cloud_only"] = entry["cloud"]
+        self.history.append(entry)
+        return best
+
+    def _better(self, score, best_score):
+        return score > best_score if self.valid_metric_bigger else score < best_score
+
+    def _report(self, best):
+        strip = lambda scores: {key: value for key, value in scores.items() if key in ("valid", "test", "round", "phase")}
+        keys = [
+            "backbone", "protocol", "fresh_interactions", "rounds", "patch_sites", "metapatch_dim", "patch_rank",
+            "device_epochs", "device_learning_rate", "device_batch_size", "device_valid_size", "device_l2",
+            "cloud_epochs", "learning_rate", "distill_weight", "distill_temperature", "shared_epochs",
+            "shared_learning_rate", "shared_ce_weight", "dataset", "seed", "valid_metric",
+        ]
+        return {
+            "cloud_only": strip(best["cloud_only"]),
+            "dccl_cloud": strip(best["cloud"]),
+            "dccl_device": strip(best["device"]),
+            "history": self.history,
+            "config": {key: plain(self.config[key]) for key in keys},
+            "phase_seconds": self.phase_seconds,
+        }
+
+    def _log(self, message):
+        if self.verbose:
+            self.logger.info(set_color(message, "green"))

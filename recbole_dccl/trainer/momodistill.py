@@ -1,0 +1,79 @@
+"""MoMoDistill: the cloud learns from the device models of this round (paper eqs. 5-7).
+
+Step 1 (model-over-models) updates W_f on the devices' data with
+``CE(f(x), y) + distill_weight * tau^2 * KL(f_m(x) / tau || f(x) / tau)``; ``distill_weight = 0`` is plain
+incremental training, the model-over-data baseline. Step 2 then keeps the new W_f fixed and learns Theta and the
+auxiliary encoder g so that the proxy device model (new W_f, patch from ``g(user)``) matches the device model.
+The teachers are the model as the device phase left it, frozen: its state is copied once and run through
+``torch.func.functional_call``.
+"""
+
+import torch
+from torch.func import functional_call
+
+from recbole_dccl.trainer.device_phase import frozen
+
+
+class DeviceTeachers:
+    """The round's device models (backbone, Theta and uploaded metapatches as they are now), frozen."""
+
+    def __init__(self, model):
+        self.model = model
+        self.state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+    @torch.no_grad()
+    def logits(self, interaction):
+        metapatch = self.state["uploaded_metapatch"][interaction[self.model.USER_ID]]
+        training = self.model.training
+        self.model.eval()
+        try:
+            return functional_call(self.model, self.state, (interaction, metapatch))
+        finally:
+            self.model.train(training)
+
+
+def _run_epoch(model, loader, optimizer, loss_fn, clip_grad_norm, device):
+    total = 0.0
+    for interaction in loader:
+        interaction = interaction.to(device)
+        loss = loss_fn(interaction)
+        optimizer.zero_grad()
+        loss.backward()
+        if clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], **clip_grad_norm)
+        optimizer.step()
+        total += loss.item()
+    return total
+
+
+def distill_cloud_epoch(model, loader, optimizer, teachers, config):
+    """One epoch of step 1 on the backbone (W_f); returns the summed loss."""
+    weight, temperature = config["distill_weight"], config["distill_temperature"]
+    objective = model.objective
+
+    def loss_fn(interaction):
+        logits = model(interaction)
+        loss = objective.loss(logits, interaction).mean()
+        if weight:
+            loss = loss + weight * objective.distill(logits, teachers.logits(interaction), temperature).mean()
+        return loss
+
+    model.train()
+    return _run_epoch(model, loader, optimizer, loss_fn, config["clip_grad_norm"], config["device"])
+
+
+def shared_parameters_epoch(model, loader, optimizer, teachers, config):
+    """One epoch of step 2 on Theta and the encoder, W_f fixed; returns the summed loss."""
+    temperature, ce_weight = config["distill_temperature"], config["shared_ce_weight"]
+    objective = model.objective
+
+    def loss_fn(interaction):
+        metapatch = model.encode_metapatch(interaction[model.USER_ID])
+        logits = model(interaction, metapatch)
+        loss = objective.distill(logits, teachers.logits(interaction), temperature).mean()
+        if ce_weight:
+            loss = loss + ce_weight * objective.loss(logits, interaction).mean()
+        return loss
+
+    with frozen(model.backbone):
+        return _run_epoch(model, loader, optimizer, loss_fn, config["clip_grad_norm"], config["device"])

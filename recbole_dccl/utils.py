@@ -1,0 +1,36 @@
+"""Model and trainer look-up: ours first, RecBole's as the fallback (as RecBole-GNN does)."""
+
+import importlib
+import os
+
+from recbole.utils import get_model as recbole_get_model
+from recbole.utils import get_trainer as recbole_get_trainer
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# Installed, the YAML defaults live in the package; in a source checkout, in the top-level properties/.
+PROPERTIES_DIR = next(
+    path
+    for path in (os.path.join(_PACKAGE_DIR, "properties"), os.path.join(_PACKAGE_DIR, os.pardir, "properties"))
+    if os.path.isfile(os.path.join(path, "model", "DCCL.yaml"))
+)
+
+
+def get_model(model_name):
+    """Return the model class: ``DCCL`` from this plugin, anything else from RecBole."""
+    if model_name == "DCCL":
+        from recbole_dccl.model.dccl import DCCL
+
+        return DCCL
+    return recbole_get_model(model_name)
+
+
+def get_trainer(model_type, model_name):
+    """Return the trainer class: ``DCCLTrainer`` for DCCL; for RecBole models their own trainer, made to write
+    checkpoints that ``torch.load(weights_only=True)`` reads (see :mod:`recbole_dccl.trainer.checkpoint`)."""
+    from recbole_dccl.trainer.checkpoint import with_safe_checkpoints
+
+    module = importlib.import_module("recbole_dccl.trainer")
+    trainer = getattr(module, model_name + "Trainer", None)
+    if trainer is not None:
+        return trainer
+    return with_safe_checkpoints(recbole_get_trainer(model_type, model_name))
