@@ -1,10 +1,11 @@
 """MetaPatch: residual bottleneck patches whose weights are generated from a per-user metapatch.
 
-At a patch site with output ``z`` (last dimension ``d``) the device model computes ``z + relu(z @ D) @ U`` with
+At a patch site with output ``z`` (last dimension ``d``) the device model computes ``z + gelu(z @ D) @ U`` with
 ``D = base + sum_k metapatch_k * Theta_D[k]`` (``d x r``) and ``U = sum_k metapatch_k * Theta_U[k]``
 (``r x d``). ``Theta`` and ``base`` are the global shared parameters, learned on the cloud; the metapatch (``k``
 numbers) is all a device learns. ``U`` has no base, so a zero metapatch is exactly the cloud model, and the
-gradient with respect to the metapatch is not zero there (as LoRA starts its up-projection at zero).
+gradient with respect to the metapatch is not zero there (as LoRA starts its up-projection at zero). GELU rather than
+ReLU: a ReLU bottleneck whose units are all negative for a user's rows gives that user no gradient at all.
 
 Sites are attached by module name, like PEFT's ``target_modules``: the module's ``forward`` is wrapped on the
 instance, which catches both ``module(x)`` and the ``self.forward(...)`` calls RecBole models make on themselves.
@@ -15,6 +16,7 @@ import re
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class MetaPatch(nn.Module):
@@ -35,7 +37,7 @@ class MetaPatch(nn.Module):
         down = self.base_down + torch.einsum("bk,kdr->bdr", metapatch, self.theta_down)
         up = torch.einsum("bk,krd->brd", metapatch, self.theta_up)
         flat = z.reshape(rows, -1, z.shape[-1])
-        patch = torch.bmm(torch.relu(torch.bmm(flat, down)), up)
+        patch = torch.bmm(F.gelu(torch.bmm(flat, down)), up)
         return z + patch.reshape(z.shape)
 
 

@@ -2,6 +2,7 @@
 MoMoDistill step 1 and step 2, evaluating the cloud and device views after every phase."""
 
 import copy
+import os
 from time import time
 
 import torch
@@ -9,7 +10,7 @@ from recbole.trainer import Trainer
 from recbole.utils import dict2str, set_color
 
 from recbole_dccl.data import RoundSchedule
-from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, plain
+from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, plain, save_atomic
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
 
@@ -56,7 +57,34 @@ class DCCLTrainer(SafeCheckpointMixin, Trainer):
 
     # Phases ---------------------------------------------------------------------------------------------------
 
+    # What round 0's data and model depend on: a shared cloud checkpoint must agree on all of it.
+    CLOUD_KEYS = ("dataset", "backbone", "protocol", "fresh_interactions", "rounds", "seed", "MAX_ITEM_LIST_LENGTH")
+
     def _pretrain_cloud(self, schedule, train_data, verbose, show_progress, callback_fn):
+        """Round 0, or its result loaded from ``cloud_checkpoint``."""
+        path = self.config["cloud_checkpoint"]
+        if path and os.path.isfile(path):
+            self._load_cloud(path)
+            return
+        self._train_cloud(schedule, train_data, verbose, show_progress, callback_fn)
+        if path:
+            state = {key: value for key, value in self.model.state_dict().items() if key.startswith("backbone.")}
+            identity = {key: plain(self.config[key]) for key in self.CLOUD_KEYS}
+            save_atomic({"identity": identity, "state_dict": state}, path)
+            self._log(f"round 0 cloud model written to {path}")
+
+    def _load_cloud(self, path):
+        checkpoint = torch.load(path, map_location=self.device, weights_only=True)
+        identity = {key: plain(self.config[key]) for key in self.CLOUD_KEYS}
+        differs = {key: (value, identity[key]) for key, value in checkpoint["identity"].items() if identity.get(key) != value}
+        if differs:
+            raise ValueError(
+                f"cloud_checkpoint: [{path}] was trained with other settings (file value, this run): {differs}"
+            )
+        self.model.load_state_dict(checkpoint["state_dict"], strict=False)
+        self._log(f"round 0: cloud model loaded from {path}")
+
+    def _train_cloud(self, schedule, train_data, verbose, show_progress, callback_fn):
         """Round 0: RecBole's own fit with early stopping on valid; the best epoch's weights are kept."""
         start = time()
         self.model.view = "cloud"

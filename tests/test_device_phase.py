@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from recbole_dccl.data import RoundSchedule
+from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise, personalise_one_by_one
+from tests.helpers import build
+
+
+def local_setup(config_dict, protocol="incremental"):
+    config, (train_data, _, _), model, _ = build({**config_dict, "protocol": protocol})
+    rows = RoundSchedule(config, train_data).device_rows(1)
+    settings = DeviceSettings(config)
+    local = LocalData.from_rows(train_data.dataset, rows, settings.valid_size, config["device"])
+    return config, model, local, settings
+
+
+@pytest.mark.parametrize("protocol", ["incremental", "static"])
+@pytest.mark.parametrize("valid_size,l2", [(1, 0.0), (0, 0.1)])
+def test_batched_device_phase_equals_per_user_loop(tiny_config, protocol, valid_size, l2):
+    settings_dict = {**tiny_config, "device_valid_size": valid_size, "device_l2": l2, "device_chunk_size": 7}
+    _, model, local, settings = local_setup(settings_dict, protocol)
+    start = 0.1 * torch.randn(len(local.users), model.metapatch.shape[1], generator=torch.Generator().manual_seed(0))
+    batched = personalise(model, local, start, settings, seed=7)
+    loop = personalise_one_by_one(model, local, start, settings, seed=7)
+    assert (batched.metapatch - start).abs().max() > 1e-3  # it trained
+    assert (batched.metapatch - loop.metapatch).abs().max() < 1e-5
+    assert torch.equal(batched.adopted, loop.adopted)
+    if valid_size:
+        assert 0 < int(batched.adopted.sum()) < len(local.users)  # the guard keeps some cloud models
+        assert torch.allclose(batched.valid_loss_device, loop.valid_loss_device, atol=1e-5)
+        assert torch.all(batched.valid_loss_device <= batched.valid_loss_cloud)
+
+
+def test_a_device_learns_from_its_own_data_only(tiny_config):
+    _, model, local, settings = local_setup({**tiny_config, "device_valid_size": 0})
+    start = torch.zeros(len(local.users), model.metapatch.shape[1])
+    before = personalise(model, local, start, settings, seed=3).metapatch
+    # Change device 0's local data: its metapatch changes, no other device's does.
+    mine = torch.nonzero(local.owner == 0).squeeze(1)
+    target = model.objective.target_field
+    local.interaction[target][mine] = (local.interaction[target][mine] % (model.backbone.n_items - 1)) + 1
+    after = personalise(model, local, start, settings, seed=3).metapatch
+    assert not torch.allclose(after[0], before[0])
+    assert torch.equal(after[1:], before[1:])
+
+
+def test_device_phase_leaves_shared_parameters_alone(tiny_config):
+    _, model, local, settings = local_setup(tiny_config)
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    personalise(model, local, torch.zeros(len(local.users), model.metapatch.shape[1]), settings, seed=1)
+    assert all(torch.equal(value, model.state_dict()[name]) for name, value in state.items())
+    assert all(param.requires_grad for param in model.parameters())

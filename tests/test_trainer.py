@@ -1,0 +1,100 @@
+import json
+import os
+
+import pytest
+import torch
+
+from recbole_dccl.data import RoundSchedule
+from recbole_dccl.quick_start import run_recbole_dccl
+from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch
+from tests.helpers import build
+
+
+def test_distill_weight_zero_is_plain_ce_training(tiny_config):
+    config, (train_data, _, _), model, trainer = build({**tiny_config, "distill_weight": 0.0})
+    schedule = RoundSchedule(config, train_data)
+    rows = schedule.device_rows(1)
+    teachers = DeviceTeachers(model)
+    optimizer = trainer._build_optimizer(params=model.backbone.parameters())
+    torch.manual_seed(5)
+    distill_cloud_epoch(model, schedule.loader(rows), optimizer, teachers, config)
+
+    _, _, plain_model, plain_trainer = build(tiny_config, model="GRU4Rec")
+    plain_trainer.optimizer = plain_trainer._build_optimizer(params=plain_model.parameters())
+    torch.manual_seed(5)
+    plain_trainer._train_epoch(schedule.loader(rows), 0)
+    for name, value in plain_model.state_dict().items():
+        assert torch.allclose(model.backbone.state_dict()[name], value, atol=1e-6), name
+
+
+def test_distillation_pulls_cloud_towards_devices(tiny_config):
+    config, (train_data, _, _), model, trainer = build({**tiny_config, "distill_weight": 1.0})
+    schedule = RoundSchedule(config, train_data)
+    with torch.no_grad():
+        model.uploaded_metapatch.normal_()
+    teachers = DeviceTeachers(model)
+    loader = schedule.loader(schedule.device_rows(1))
+    batch = next(iter(loader)).to(config["device"])
+    objective = model.objective
+    kl = lambda: objective.distill(model(batch), teachers.logits(batch), 1.0).mean().item()
+    before = kl()
+    optimizer = torch.optim.Adam(model.backbone.parameters(), lr=0.01)
+    for _ in range(3):
+        distill_cloud_epoch(model, loader, optimizer, teachers, {**config.final_config_dict, "distill_weight": 100.0})
+    model.eval()
+    assert kl() < before
+
+
+def test_checkpoint_round_trips(tiny_config):
+    config, (train_data, valid_data, test_data), model, trainer = build({**tiny_config, "rounds": 1})
+    trainer.fit(train_data, valid_data, saved=True, test_data=test_data)
+    checkpoint = torch.load(trainer.saved_model_file, weights_only=True)  # plain values only
+    assert checkpoint["config"]["model"] == "DCCL"
+    _, _, fresh, fresh_trainer = build({**tiny_config, "rounds": 1})
+    fresh.load_state_dict(checkpoint["state_dict"])
+    batch, _, _, _ = next(iter(test_data))
+    model.eval(), fresh.eval()
+    for view in ("cloud", "device"):
+        model.view = fresh.view = view
+        assert torch.equal(model.full_sort_predict(batch), fresh.full_sort_predict(batch))
+    # RecBole's own evaluate(load_best_model=True) reads it on torch>=2.6 without any environment switch.
+    fresh_trainer.saved_model_file = trainer.saved_model_file
+    fresh.view = "device"
+    assert fresh_trainer.evaluate(test_data, load_best_model=True) == trainer.evaluate(test_data, load_best_model=False)
+
+
+@pytest.mark.parametrize("protocol", ["incremental", "static"])
+def test_end_to_end_writes_all_three_views(tiny_config, tmp_path, protocol):
+    result_file = str(tmp_path / "out" / "result.json")
+    config = {**tiny_config, "protocol": protocol, "rounds": 2, "result_file": result_file}
+    result = run_recbole_dccl(model="DCCL", dataset="tiny", config_dict=config, verbose=False)
+    with open(result_file) as file:
+        written = json.load(file)
+    for view in ("cloud_only", "dccl_cloud", "dccl_device"):
+        for split in ("valid", "test"):
+            assert 0.0 <= written[view][split]["ndcg@10"] <= 1.0
+    assert [(entry["round"], entry["phase"]) for entry in written["history"]] == [
+        (0, "cloud"), (1, "device"), (1, "momodistill"), (1, "shared"), (2, "device"), (2, "momodistill"), (2, "shared"),
+    ]
+    assert written["config"]["protocol"] == protocol
+    assert set(written["phase_seconds"]) >= {"round 0 cloud", "round 2 shared"}
+    best = max(entry["device"]["valid"]["ndcg@10"] for entry in written["history"])
+    assert written["dccl_device"]["valid"]["ndcg@10"] == best
+    assert result["test_result"] == written["dccl_device"]["test"]
+
+
+def test_shared_cloud_checkpoint_is_reused_and_checked(tiny_config, tmp_path):
+    cloud = str(tmp_path / "cloud.pth")
+    first = run_recbole_dccl(model="DCCL", dataset="tiny", config_dict={**tiny_config, "cloud_checkpoint": cloud}, verbose=False)
+    assert os.path.isfile(cloud)
+    again = run_recbole_dccl(
+        model="DCCL", dataset="tiny", config_dict={**tiny_config, "cloud_checkpoint": cloud, "device_epochs": 1}, verbose=False
+    )
+    assert again["cloud_only"] == first["cloud_only"]
+    with pytest.raises(ValueError, match="cloud_checkpoint: .* other settings"):
+        run_recbole_dccl(model="DCCL", dataset="tiny", config_dict={**tiny_config, "cloud_checkpoint": cloud, "rounds": 3}, verbose=False)
+
+
+def test_plain_recbole_model_runs_through_the_same_entry_point(tiny_config):
+    result = run_recbole_dccl(model="SASRec", dataset="tiny", config_dict=tiny_config, verbose=False)
+    assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
