@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from recbole_dccl.data import positions_from_newest
+from recbole_dccl.trainer.progress import progress
 
 
 @dataclass
@@ -147,6 +148,7 @@ class DeviceSettings:
         self.valid_size = config["device_valid_size"]
         self.l2 = config["device_l2"]
         self.chunk_size = config["device_chunk_size"]
+        self.show_progress = config["show_progress"]
 
 
 def personalise(model, local, start, settings, seed):
@@ -159,7 +161,7 @@ def personalise(model, local, start, settings, seed):
         metapatch = start.clone().requires_grad_(True)
         adam = PerDeviceAdam(metapatch, settings.learning_rate)
         generator = torch.Generator().manual_seed(seed)
-        for _ in range(settings.epochs):
+        for _ in progress(range(settings.epochs), "Devices", settings.show_progress):
             rows, position = epoch_order(local, train_rows, generator)
             step_of_row = position // settings.batch_size
             for step in range(int(step_of_row.max()) + 1 if len(rows) else 0):

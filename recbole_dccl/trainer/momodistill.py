@@ -12,6 +12,7 @@ import torch
 from torch.func import functional_call
 
 from recbole_dccl.trainer.device_phase import frozen
+from recbole_dccl.trainer.progress import progress
 
 
 class DeviceTeachers:
@@ -32,9 +33,9 @@ class DeviceTeachers:
             self.model.train(training)
 
 
-def _run_epoch(model, loader, optimizer, loss_fn, clip_grad_norm, device):
-    total = 0.0
-    for interaction in loader:
+def _run_epoch(model, loader, optimizer, loss_fn, config, description):
+    total, device, clip_grad_norm = 0.0, config["device"], config["clip_grad_norm"]
+    for interaction in progress(loader, description, config["show_progress"], total=len(loader)):
         interaction = interaction.to(device)
         loss = loss_fn(interaction)
         optimizer.zero_grad()
@@ -59,7 +60,7 @@ def distill_cloud_epoch(model, loader, optimizer, teachers, config):
         return loss
 
     model.train()
-    return _run_epoch(model, loader, optimizer, loss_fn, config["clip_grad_norm"], config["device"])
+    return _run_epoch(model, loader, optimizer, loss_fn, config, "MoMoDistill")
 
 
 def shared_parameters_epoch(model, loader, optimizer, teachers, config):
@@ -76,4 +77,4 @@ def shared_parameters_epoch(model, loader, optimizer, teachers, config):
         return loss
 
     with frozen(model.backbone):
-        return _run_epoch(model, loader, optimizer, loss_fn, config["clip_grad_norm"], config["device"])
+        return _run_epoch(model, loader, optimizer, loss_fn, config, "Shared")
