@@ -14,7 +14,6 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_dccl.config import DCCLConfig
-from recbole_dccl.trainer.checkpoint import plain
 from recbole_dccl.utils import get_model, get_trainer
 
 
@@ -59,7 +58,7 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
     result.update(
         best_valid_score=float(best_valid_score),
         valid_score_bigger=config["valid_metric_bigger"],
-        best_valid_result=plain({k: float(v) for k, v in (best_valid_result or {}).items()}),
+        best_valid_result={k: float(v) for k, v in (best_valid_result or {}).items()},
         test_result={k: float(v) for k, v in test_result.items()},
     )
     if config["result_file"]:

@@ -35,8 +35,8 @@ class DCCLTrainer(SafeCheckpointMixin, Trainer):
         self._pretrain_cloud(schedule, train_data, verbose, show_progress, callback_fn)
         best = self._record(0, "cloud")
         for round_idx in range(1, self.config["rounds"] + 1):
-            self.model.user_history = schedule.user_history(round_idx, len(self.model.metapatch), self.model.user_history.shape[1]).to(self.device)
             device_rows = schedule.device_rows(round_idx)
+            self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
             self._device_phase(round_idx, train_data.dataset, device_rows)
             best = self._record(round_idx, "device", best)
             teachers = DeviceTeachers(self.model)

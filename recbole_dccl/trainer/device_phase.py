@@ -46,6 +46,12 @@ class DeviceResult:
     valid_loss_cloud: torch.Tensor  # [devices] local validation loss of the cloud model (nan: no validation)
     valid_loss_device: torch.Tensor  # [devices] ... of what the device keeps
 
+    @classmethod
+    def unguarded(cls, metapatch):
+        """Without local validation every device keeps what it trained."""
+        nan = torch.full((len(metapatch),), float("nan"), device=metapatch.device)
+        return cls(metapatch, (metapatch != 0).any(dim=1), nan, nan)
+
 
 @contextmanager
 def frozen(model):
@@ -177,11 +183,7 @@ def personalise(model, local, start, settings, seed):
                 adam.step(metapatch, metapatch.grad, count > 0)
             if guard:
                 guard.consider(metapatch)
-        if guard:
-            return guard.result()
-        final = metapatch.detach()
-        nan = torch.full((len(final),), float("nan"), device=final.device)
-        return DeviceResult(final, (final != 0).any(dim=1), nan, nan)
+        return guard.result() if guard else DeviceResult.unguarded(metapatch.detach())
 
 
 def personalise_one_by_one(model, local, start, settings, seed):
@@ -231,7 +233,6 @@ def personalise_one_by_one(model, local, start, settings, seed):
                     best, best_loss = candidate, loss
             kept[device], kept_losses = best[0], kept_losses + [best_loss]
         if not settings.valid_size:
-            nan = torch.full((len(kept),), float("nan"), device=kept.device)
-            return DeviceResult(kept, (kept != 0).any(dim=1), nan, nan)
+            return DeviceResult.unguarded(kept)
         as_tensor = lambda values: torch.stack(values).to(kept.device)
         return DeviceResult(kept, (kept != 0).any(dim=1), as_tensor(cloud_losses), as_tensor(kept_losses))
