@@ -98,3 +98,17 @@ def test_shared_cloud_checkpoint_is_reused_and_checked(tiny_config, tmp_path):
 def test_plain_recbole_model_runs_through_the_same_entry_point(tiny_config):
     result = run_recbole_dccl(model="SASRec", dataset="tiny", config_dict=tiny_config, verbose=False)
     assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
+
+
+def test_short_run_on_ml_100k(tmp_path, monkeypatch):
+    """The real dataset RecBole ships: one short DCCL round end to end, profiles from ml-100k.user included."""
+    monkeypatch.chdir(tmp_path)
+    settings = {
+        "embedding_size": 16, "hidden_size": 16, "MAX_ITEM_LIST_LENGTH": 5, "epochs": 1, "train_batch_size": 4096,
+        "device_epochs": 1, "shared_epochs": 1, "show_progress": False, "checkpoint_dir": str(tmp_path / "saved"),
+    }
+    result = run_recbole_dccl(model="DCCL", dataset="ml-100k", config_dict=settings, verbose=False)
+    first = result["history"][1]
+    assert first["phase"] == "device"
+    assert result["cloud_only"]["test"]["ndcg@10"] > 0
+    assert all(0 <= result[view]["test"]["hit@10"] <= 1 for view in ("cloud_only", "dccl_cloud", "dccl_device"))
