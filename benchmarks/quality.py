@@ -79,7 +79,18 @@ def summarise(args, variants, seeds):
             metric: mean_std([r["test"][metric] / b["test"][metric] - 1 for r, b in zip(results, base)])
             for metric in METRICS
         }
+        if all("test_groups" in result for result in results + base):
+            tail = [least_active(result) for result in results]
+            summary["rows"][name]["tail_test"] = {metric: mean_std([t[metric] for t in tail]) for metric in METRICS}
+            summary["rows"][name]["tail_test_gain_vs_cloud_only"] = {
+                metric: mean_std([t[metric] / least_active(b)[metric] - 1 for t, b in zip(tail, base)]) for metric in METRICS
+            }
     return summary
+
+
+def least_active(result):
+    """The test metrics of the least-active user group (G1)."""
+    return next(values for name, values in result["test_groups"].items() if name.startswith("G1 "))
 
 
 def markdown(summary):
@@ -98,6 +109,16 @@ def markdown(summary):
             f"| {name} | {fmt(row['valid']['ndcg@10'])} | {fmt(row['test']['ndcg@10'])} | {fmt(row['test']['hit@10'])} "
             f"| {pct(gain['ndcg@10'])} | {pct(gain['hit@10'])} |"
         )
+    tails = {name: row for name, row in summary["rows"].items() if "tail_test" in row}
+    if tails:
+        lines += ["", "Least-active user group (G1 of `user_groups`):", "",
+                  "| model | tail test NDCG@10 | tail test Hit@10 | tail NDCG@10 gain | tail Hit@10 gain |", "|---|---|---|---|---|"]
+        for name, row in tails.items():
+            gain = row["tail_test_gain_vs_cloud_only"]
+            lines.append(
+                f"| {name} | {fmt(row['tail_test']['ndcg@10'])} | {fmt(row['tail_test']['hit@10'])} "
+                f"| {pct(gain['ndcg@10'])} | {pct(gain['hit@10'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 

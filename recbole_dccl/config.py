@@ -3,7 +3,7 @@
 For ``model: DCCL`` the configuration is layered as RecBole layers its own models, with the backbone standing
 in for the model: RecBole's ``overall.yaml``, the backbone's YAML, the dataset YAML and the family quick-start
 YAML, then ours (``properties/quick_start_config/<family>.yaml``, ``properties/model/DCCL.yaml``), then the
-user's files, dict and command line. ``MODEL_TYPE`` and ``MODEL_INPUT_TYPE`` are the backbone's, so RecBole's
+user's files, dict and command line. ``properties/overall.yaml`` applies to plain RecBole models too. ``MODEL_TYPE`` and ``MODEL_INPUT_TYPE`` are the backbone's, so RecBole's
 datasets and dataloaders work unchanged; ``model`` stays ``DCCL`` so the trainer and checkpoints are ours.
 """
 
@@ -44,6 +44,7 @@ class DCCLConfig(Config):
             super()._load_internal_config_dict(backbone, self.backbone_class, dataset)
         else:
             super()._load_internal_config_dict(model, model_class, dataset)
+        self._update_internal_config_dict(os.path.join(PROPERTIES_DIR, "overall.yaml"))
         family_yaml = FAMILY_YAML.get(self.internal_config_dict["MODEL_TYPE"])
         if family_yaml is not None:
             self._update_internal_config_dict(os.path.join(PROPERTIES_DIR, "quick_start_config", family_yaml))

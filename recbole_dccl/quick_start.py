@@ -14,6 +14,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_dccl.config import DCCLConfig
+from recbole_dccl.evaluation import group_table
 from recbole_dccl.utils import get_model, get_trainer
 
 
@@ -46,14 +47,16 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
         test_result = result["dccl_device"]["test"]
         for name in ("cloud_only", "dccl_cloud", "dccl_device"):
             logger.info(set_color(f"{name} test result", "yellow") + f": {result[name]['test']}")
+            logger.info(set_color(f"{name} test result by user group", "yellow") + "\n" + group_table(result[name]["test_groups"]))
     else:
         best_valid_score, best_valid_result = trainer.fit(
             train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
         )
         test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
-        result = {}
+        result = {"test_groups": trainer.group_result}
         logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
         logger.info(set_color("test result", "yellow") + f": {test_result}")
+        logger.info(set_color("test result by user group", "yellow") + "\n" + group_table(trainer.group_result))
 
     result.update(
         best_valid_score=float(best_valid_score),

@@ -25,12 +25,15 @@ def get_model(model_name):
 
 
 def get_trainer(model_type, model_name):
-    """Return the trainer class: ``DCCLTrainer`` for DCCL; for RecBole models their own trainer, made to write
-    checkpoints that ``torch.load(weights_only=True)`` reads (see :mod:`recbole_dccl.trainer.checkpoint`)."""
-    from recbole_dccl.trainer.checkpoint import with_safe_checkpoints
+    """Return the trainer class: ``DCCLTrainer`` for DCCL; for RecBole models their own trainer, with per-group
+    metrics (:mod:`recbole_dccl.evaluation`) and checkpoints that ``torch.load(weights_only=True)`` reads
+    (:mod:`recbole_dccl.trainer.checkpoint`)."""
+    from recbole_dccl.evaluation import UserGroupEvaluationMixin
+    from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin
 
     module = importlib.import_module("recbole_dccl.trainer")
     trainer = getattr(module, model_name + "Trainer", None)
     if trainer is not None:
         return trainer
-    return with_safe_checkpoints(recbole_get_trainer(model_type, model_name))
+    trainer = recbole_get_trainer(model_type, model_name)
+    return type(trainer.__name__, (UserGroupEvaluationMixin, SafeCheckpointMixin, trainer), {})

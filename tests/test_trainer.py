@@ -77,6 +77,8 @@ def test_end_to_end_writes_all_three_views(tiny_config, tmp_path, protocol):
         (0, "cloud"), (1, "device"), (1, "momodistill"), (1, "shared"), (2, "device"), (2, "momodistill"), (2, "shared"),
     ]
     assert written["config"]["protocol"] == protocol
+    groups = written["dccl_device"]["test_groups"]
+    assert len(groups) == 5 and sum(group["users"] for group in groups.values()) == 30
     assert set(written["phase_seconds"]) >= {"round 0 cloud", "round 2 shared"}
     best = max(entry["device"]["valid"]["ndcg@10"] for entry in written["history"])
     assert written["dccl_device"]["valid"]["ndcg@10"] == best

@@ -53,7 +53,3 @@ class SafeCheckpointMixin:
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
-
-def with_safe_checkpoints(trainer_class):
-    """``trainer_class`` with :class:`SafeCheckpointMixin` in front, under the same name."""
-    return type(trainer_class.__name__, (SafeCheckpointMixin, trainer_class), {})

@@ -10,12 +10,13 @@ from recbole.trainer import Trainer
 from recbole.utils import dict2str, set_color
 
 from recbole_dccl.data import RoundSchedule
+from recbole_dccl.evaluation import UserGroupEvaluationMixin
 from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, plain, save_atomic
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
 
 
-class DCCLTrainer(SafeCheckpointMixin, Trainer):
+class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.optimizer = self._build_optimizer(params=self.model.backbone.parameters())
@@ -33,6 +34,7 @@ class DCCLTrainer(SafeCheckpointMixin, Trainer):
         schedule = RoundSchedule(self.config, train_data)
 
         self._pretrain_cloud(schedule, train_data, verbose, show_progress, callback_fn)
+        self.eval_collector.data_collect(train_data)  # user groups by all training interactions, not round 0's
         best = self._record(0, "cloud")
         for round_idx in range(1, self.config["rounds"] + 1):
             device_rows = schedule.device_rows(round_idx)
@@ -141,18 +143,20 @@ class DCCLTrainer(SafeCheckpointMixin, Trainer):
     # Evaluation and bookkeeping --------------------------------------------------------------------------------
 
     def _evaluate_view(self, data, view):
+        """Overall and per-group metrics of ``view`` on ``data``."""
         self.model.view = view
         result = self.evaluate(data, load_best_model=False, show_progress=self.show_progress)
-        return {key: float(value) for key, value in result.items()}
+        return {key: float(value) for key, value in result.items()}, self.group_result
 
     def _record(self, round_idx, phase, best=None):
         """Score both views after a phase, log them, and keep the best of each view on valid."""
         entry = {"round": round_idx, "phase": phase}
         best = best or {}
         for view in self.model.VIEWS:
-            scores = {"valid": self._evaluate_view(self.valid_data, view)}
+            scores = {}
+            scores["valid"], scores["valid_groups"] = self._evaluate_view(self.valid_data, view)
             if self.test_data is not None:
-                scores["test"] = self._evaluate_view(self.test_data, view)
+                scores["test"], scores["test_groups"] = self._evaluate_view(self.test_data, view)
             scores["score"] = scores["valid"][self.valid_metric]
             entry[view] = scores
             if self.verbose:
@@ -172,12 +176,12 @@ class DCCLTrainer(SafeCheckpointMixin, Trainer):
         return score > best_score if self.valid_metric_bigger else score < best_score
 
     def _report(self, best):
-        strip = lambda scores: {key: value for key, value in scores.items() if key in ("valid", "test", "round", "phase")}
+        strip = lambda scores: {key: value for key, value in scores.items() if key != "score"}
         keys = [
             "backbone", "protocol", "fresh_interactions", "rounds", "patch_sites", "metapatch_dim", "patch_rank",
             "device_epochs", "device_learning_rate", "device_batch_size", "device_valid_size", "device_l2",
             "cloud_epochs", "learning_rate", "distill_weight", "distill_temperature", "shared_epochs",
-            "shared_learning_rate", "shared_ce_weight", "dataset", "seed", "valid_metric",
+            "shared_learning_rate", "shared_ce_weight", "dataset", "seed", "valid_metric", "user_groups",
         ]
         return {
             "cloud_only": strip(best["cloud_only"]),

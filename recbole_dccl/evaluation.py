@@ -1,0 +1,123 @@
+"""Every metric also per user group, on RecBole's own ``Collector`` and ``Evaluator`` (no metric re-implemented).
+
+Users are grouped by their number of training interactions: ``user_groups: 5`` (an int) makes that many
+equal-size groups from the least to the most active users; a list of thresholds ``[10, 50]`` makes the groups
+``[1, 10)``, ``[10, 50)``, ``[50, inf)``. The collector also keeps the user of every evaluated row, and each
+group's metrics are RecBole's evaluator run on that group's rows alone, so they equal evaluating each group's
+users by themselves (tested). Works for full-sort ranking and labeled (CTR) evaluation, where rows are users or
+interactions; RecBole's sampled ranking modes (uniN, popN) score users per batch row and are not supported.
+"""
+
+import numpy as np
+import torch
+from recbole.evaluator import Collector
+from recbole.evaluator.collector import DataStruct
+
+USER_ROWS = "data.uid"
+
+
+class UserGroups:
+    """Which group each user belongs to, from the training data."""
+
+    def __init__(self, spec, train_dataset):
+        uid_field = train_dataset.uid_field
+        n_users = train_dataset.num(uid_field)
+        counts = np.bincount(train_dataset.inter_feat[uid_field].numpy(), minlength=n_users)
+        active = np.flatnonzero(counts > 0)
+        group = np.full(n_users, -1, dtype=np.int64)
+        if isinstance(spec, int) and not isinstance(spec, bool) and spec > 0:
+            by_activity = active[np.argsort(counts[active], kind="stable")]
+            for index, members in enumerate(np.array_split(by_activity, spec)):
+                group[members] = index
+        elif isinstance(spec, (list, tuple)) and spec and all(isinstance(t, (int, float)) for t in spec):
+            group[active] = np.searchsorted(np.asarray(sorted(spec)), counts[active], side="right")
+        else:
+            raise ValueError(
+                f"user_groups: [{spec}] must be a positive number of equal-size groups (e.g. 5) "
+                "or a list of interaction-count thresholds (e.g. [10, 50])."
+            )
+        self.group_of_user = torch.from_numpy(group)
+        self.names, self.sizes = [], []
+        for index in range(int(group.max()) + 1):
+            members = counts[group == index]
+            if len(members):
+                self.names.append(f"G{index + 1} [{members.min()}, {members.max()}]")
+                self.sizes.append(int(len(members)))
+            else:
+                self.names.append(f"G{index + 1} (empty)")
+                self.sizes.append(0)
+
+    def evaluate(self, evaluator, struct):
+        """``{group name: {'users': n, metric: value, ...}}`` for the rows of ``struct``."""
+        users = struct[USER_ROWS]
+        row_group = self.group_of_user[users]
+        results = {}
+        for index, name in enumerate(self.names):
+            mask = row_group == index
+            if not bool(mask.any()):
+                continue
+            part = DataStruct()
+            for key, value in struct._data_dict.items():
+                rows_aligned = isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == len(users)
+                part[key] = value[mask] if rows_aligned else value
+            metrics = evaluator.evaluate(part)
+            results[name] = {"users": int(torch.unique(users[mask]).numel()), **{k: float(v) for k, v in metrics.items()}}
+        return results
+
+
+def group_table(group_result):
+    """Per-group metrics as log lines: group, users, then every metric."""
+    return "\n".join(
+        f"{name:<16} users: {values['users']:<6}"
+        + "    ".join(f"{key} : {value:.4f}" for key, value in values.items() if key != "users")
+        for name, values in group_result.items()
+    )
+
+
+class UserGroupCollector(Collector):
+    """RecBole's ``Collector`` that also records the user of each evaluated row and knows the user groups."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.uid_field = config["USER_ID_FIELD"]
+        self.group_spec = config["user_groups"]
+        self.groups = None
+        self.last_struct = None
+
+    def data_collect(self, train_data):
+        super().data_collect(train_data)
+        self.groups = UserGroups(self.group_spec, train_data.dataset)
+
+    def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
+        super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+        users = interaction[self.uid_field]
+        rows = scores_tensor.shape[0]
+        if len(users) != rows:
+            raise NotImplementedError(
+                "user_groups: per-group metrics need one evaluated row per user or per interaction "
+                "(eval_args mode 'full' or 'labeled'), not sampled ranking (uniN/popN)."
+            )
+        self.data_struct.update_tensor(USER_ROWS, users)
+
+    def get_data_struct(self):
+        struct = super().get_data_struct()
+        if USER_ROWS in self.data_struct:
+            del self.data_struct[USER_ROWS]
+        self.last_struct = struct
+        return struct
+
+
+class UserGroupEvaluationMixin:
+    """Put before a RecBole trainer: after every ``evaluate``, :attr:`group_result` holds the per-group metrics."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.eval_collector = UserGroupCollector(config)
+        self.group_result = None
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        result = super().evaluate(eval_data, load_best_model, model_file, show_progress)
+        collector = self.eval_collector
+        if collector.groups is not None and collector.last_struct is not None:
+            self.group_result = collector.groups.evaluate(self.evaluator, collector.last_struct)
+        return result
