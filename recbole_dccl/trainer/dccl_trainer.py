@@ -9,6 +9,7 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import dict2str, set_color
 
+from recbole_dccl.config import dccl_defaults
 from recbole_dccl.data import RoundSchedule
 from recbole_dccl.evaluation import UserGroupEvaluationMixin
 from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, plain, save_atomic
@@ -60,7 +61,11 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
     # Phases ---------------------------------------------------------------------------------------------------
 
     # What round 0's data and model depend on: a shared cloud checkpoint must agree on all of it.
-    CLOUD_KEYS = ("dataset", "backbone", "protocol", "fresh_interactions", "rounds", "seed", "MAX_ITEM_LIST_LENGTH")
+    CLOUD_KEYS = (
+        "dataset", "backbone", "protocol", "fresh_interactions", "rounds", "seed", "MAX_ITEM_LIST_LENGTH",
+        "learner", "learning_rate", "weight_decay", "epochs", "train_batch_size", "stopping_step", "valid_metric",
+        "embedding_size", "hidden_size",
+    )
 
     def _pretrain_cloud(self, schedule, train_data, verbose, show_progress, callback_fn):
         """Round 0, or its result loaded from ``cloud_checkpoint``."""
@@ -177,12 +182,7 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
 
     def _report(self, best):
         strip = lambda scores: {key: value for key, value in scores.items() if key != "score"}
-        keys = [
-            "backbone", "protocol", "fresh_interactions", "rounds", "patch_sites", "metapatch_dim", "patch_rank",
-            "device_epochs", "device_learning_rate", "device_batch_size", "device_valid_size", "device_l2",
-            "cloud_epochs", "learning_rate", "distill_weight", "distill_temperature", "shared_epochs",
-            "shared_learning_rate", "shared_ce_weight", "dataset", "seed", "valid_metric", "user_groups",
-        ]
+        keys = [*dccl_defaults(), *self.CLOUD_KEYS, "user_groups"]
         return {
             "cloud_only": strip(best["cloud_only"]),
             "dccl_cloud": strip(best["cloud"]),
