@@ -13,6 +13,7 @@ import yaml
 from recbole.config import Config
 from recbole.utils import ModelType
 
+from recbole_dccl.data import PROTOCOLS
 from recbole_dccl.utils import PROPERTIES_DIR, get_model
 
 FAMILY_YAML = {
@@ -61,9 +62,55 @@ class DCCLConfig(Config):
             super()._set_default_parameters()
         finally:
             self.model_class = model_class
+        if self.backbone_class is not None:
+            validate_dccl_settings(self.final_config_dict)
 
     def _load_user_profiles(self):
         """DCCL's auxiliary encoder reads the ``.user`` profile file when the dataset has one."""
         load_col = self.final_config_dict.get("load_col")
         if isinstance(load_col, dict) and "user" not in load_col:
             self.final_config_dict["load_col"] = {**load_col, "user": "*"}
+
+
+# key -> (test, what is valid)
+_POSITIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer")
+_NON_NEGATIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
+_POSITIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")
+_NON_NEGATIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0")
+SETTING_RULES = {
+    "protocol": (lambda v: v in PROTOCOLS, f"one of {list(PROTOCOLS)}"),
+    "rounds": _POSITIVE_INT,
+    "fresh_interactions": _POSITIVE_INT,
+    "metapatch_dim": _POSITIVE_INT,
+    "patch_rank": _POSITIVE_INT,
+    "patch_sites": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)), "None or a list of module names"),
+    "device_epochs": _NON_NEGATIVE_INT,
+    "device_learning_rate": _POSITIVE,
+    "device_batch_size": _POSITIVE_INT,
+    "device_valid_size": _NON_NEGATIVE_INT,
+    "device_l2": _NON_NEGATIVE,
+    "device_chunk_size": _POSITIVE_INT,
+    "cloud_epochs": _NON_NEGATIVE_INT,
+    "distill_weight": _NON_NEGATIVE,
+    "distill_temperature": _POSITIVE,
+    "shared_epochs": _NON_NEGATIVE_INT,
+    "shared_learning_rate": _POSITIVE,
+    "shared_ce_weight": _NON_NEGATIVE,
+    "encoder_embedding_size": _POSITIVE_INT,
+    "encoder_hidden_size": _POSITIVE_INT,
+}
+
+
+def validate_dccl_settings(settings):
+    """Refuse bad DCCL settings before any data is loaded, naming the key, the value and what is valid."""
+    for key, (is_valid, valid) in SETTING_RULES.items():
+        if not is_valid(settings.get(key)):
+            raise ValueError(f"{key}: [{settings.get(key)!r}] is not valid; it must be {valid}.")
+    if settings.get("result_file"):
+        folder = os.path.dirname(os.path.abspath(settings["result_file"]))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"result_file: [{settings['result_file']}] cannot be written: {error}") from None
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"result_file: [{settings['result_file']}] cannot be written: {folder} is not writable")

@@ -26,3 +26,31 @@ def test_plain_recbole_model_runs_with_family_fix_only(tiny_config):
 def test_unsupported_backbone_is_refused_with_families(tiny_config):
     with pytest.raises(ValueError, match=r"backbone: \[BPR\] is a general model; DCCL wraps .*sequential"):
         DCCLConfig(model="DCCL", dataset="tiny", config_dict={**tiny_config, "backbone": "BPR"})
+
+
+@pytest.mark.parametrize(
+    "key,value,valid",
+    [
+        ("protocol", "online", r"one of \['incremental', 'static'\]"),
+        ("rounds", 0, "a positive integer"),
+        ("metapatch_dim", -4, "a positive integer"),
+        ("patch_rank", 0, "a positive integer"),
+        ("device_epochs", -1, "an integer >= 0"),
+        ("cloud_epochs", 1.5, "an integer >= 0"),
+        ("device_learning_rate", 0, "a number > 0"),
+        ("shared_learning_rate", -0.1, "a number > 0"),
+        ("distill_weight", -1.0, "a number >= 0"),
+        ("distill_temperature", 0, "a number > 0"),
+        ("patch_sites", "backbone", "None or a list of module names"),
+    ],
+)
+def test_bad_settings_are_refused_before_training(tiny_config, key, value, valid):
+    with pytest.raises(ValueError, match=rf"{key}: \[.*\] is not valid; it must be {valid}"):
+        DCCLConfig(model="DCCL", dataset="tiny", config_dict={**tiny_config, key: value})
+
+
+def test_unwritable_result_file_is_refused(tiny_config, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="result_file: .* cannot be written"):
+        DCCLConfig(model="DCCL", dataset="tiny", config_dict={**tiny_config, "result_file": str(blocker / "r.json")})
