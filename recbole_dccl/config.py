@@ -88,6 +88,7 @@ SETTING_RULES = {
     "device_learning_rate": _POSITIVE,
     "device_batch_size": _POSITIVE_INT,
     "device_valid_size": _NON_NEGATIVE_INT,
+    "device_select": (lambda v: v in ("best", "last"), "'best' or 'last'"),
     "device_l2": _NON_NEGATIVE,
     "device_chunk_size": _POSITIVE_INT,
     "cloud_epochs": _NON_NEGATIVE_INT,

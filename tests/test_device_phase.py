@@ -15,9 +15,10 @@ def local_setup(config_dict, protocol="incremental"):
 
 
 @pytest.mark.parametrize("protocol", ["incremental", "static"])
-@pytest.mark.parametrize("valid_size,l2", [(1, 0.0), (0, 0.1)])
-def test_batched_device_phase_equals_per_user_loop(tiny_config, protocol, valid_size, l2):
-    settings_dict = {**tiny_config, "device_valid_size": valid_size, "device_l2": l2, "device_chunk_size": 7}
+@pytest.mark.parametrize("valid_size,l2,select", [(1, 0.0, "best"), (0, 0.1, "best"), (2, 0.0, "last")])
+def test_batched_device_phase_equals_per_user_loop(tiny_config, protocol, valid_size, l2, select):
+    settings_dict = {**tiny_config, "device_valid_size": valid_size, "device_l2": l2, "device_chunk_size": 7,
+                     "device_select": select}
     _, model, local, settings = local_setup(settings_dict, protocol)
     start = 0.1 * torch.randn(len(local.users), model.metapatch.shape[1], generator=torch.Generator().manual_seed(0))
     batched = personalise(model, local, start, settings, seed=7)

@@ -2,8 +2,9 @@
 
 Per device m: minimise the mean data loss of its local minibatches (plus ``device_l2 * |p - p_start|^2``) with
 Adam on ``metapatch_m`` alone; W_f, Theta and the encoder stay frozen, the backbone runs in eval mode. Each
-device holds out its ``device_valid_size`` newest local rows, keeps the best of {cloud model (zero metapatch),
-starting metapatch, each epoch's metapatch} on them, and keeps the cloud model unless the patch wins.
+device holds out its ``device_valid_size`` newest local rows and keeps the cloud model (zero metapatch) unless a
+patch wins on them: with ``device_select: best`` the best of {starting metapatch, each epoch's metapatch}, with
+``last`` only the final one (a single comparison, so a win is less often chance).
 
 :func:`personalise` does this for all devices together: each step takes every device's next local minibatch,
 sums the per-device mean losses (device m's metapatch only touches its own rows, so the gradient of the sum is
@@ -155,6 +156,7 @@ class DeviceSettings:
         self.l2 = config["device_l2"]
         self.chunk_size = config["device_chunk_size"]
         self.show_progress = config["show_progress"]
+        self.select = config["device_select"]
 
 
 def personalise(model, local, start, settings, seed):
@@ -162,7 +164,8 @@ def personalise(model, local, start, settings, seed):
     with frozen(model):
         train_rows = torch.nonzero(~local.is_valid).squeeze(1)
         guard = BestOnLocalValidation(model, local, start.shape, settings.chunk_size) if settings.valid_size else None
-        if guard:
+        every_epoch = guard is not None and settings.select == "best"
+        if every_epoch:
             guard.consider(start)
         metapatch = start.clone().requires_grad_(True)
         adam = PerDeviceAdam(metapatch, settings.learning_rate)
@@ -181,9 +184,13 @@ def personalise(model, local, start, settings, seed):
                     pull = ((metapatch - start) ** 2).sum(dim=1)
                     (settings.l2 * pull[count > 0]).sum().backward()
                 adam.step(metapatch, metapatch.grad, count > 0)
-            if guard:
+            if every_epoch:
                 guard.consider(metapatch)
-        return guard.result() if guard else DeviceResult.unguarded(metapatch.detach())
+        if guard is None:
+            return DeviceResult.unguarded(metapatch.detach())
+        if not every_epoch:
+            guard.consider(metapatch)
+        return guard.result()
 
 
 def personalise_one_by_one(model, local, start, settings, seed):
@@ -227,7 +234,7 @@ def personalise_one_by_one(model, local, start, settings, seed):
                 continue
             best, best_loss = torch.zeros_like(param.detach()), valid_loss(torch.zeros_like(param.detach()))
             cloud_losses.append(best_loss)
-            for candidate in candidates:
+            for candidate in candidates if settings.select == "best" else candidates[-1:]:
                 loss = valid_loss(candidate)
                 if loss < best_loss:
                     best, best_loss = candidate, loss
