@@ -6,7 +6,6 @@ It never imports ``recbole.quick_start`` (which pulls in ray, broken on current 
 import argparse
 import json
 import logging
-import os
 import sys
 from logging import getLogger
 
@@ -15,6 +14,7 @@ from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_dccl.config import DCCLConfig
 from recbole_dccl.evaluation import group_table
+from recbole_dccl.trainer.checkpoint import write_atomic
 from recbole_dccl.utils import get_model, get_trainer
 
 
@@ -71,12 +71,11 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
 
 
 def write_result_file(path, result):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as file:
-        json.dump(result, file, indent=2)
-    os.replace(temporary, path)
+    def write(temporary):
+        with open(temporary, "w") as file:
+            json.dump(result, file, indent=2)
+
+    write_atomic(path, write)
 
 
 def parse_args(argv=None):

@@ -26,11 +26,17 @@ def plain(value):
     return str(value)
 
 
-def save_atomic(state, path):
-    """``torch.save`` through a temporary file in the same folder, then an atomic rename."""
+def write_atomic(path, write):
+    """``write(temporary_path)``, then an atomic rename to ``path``: readers never see a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, temporary)
+    write(temporary)
     os.replace(temporary, path)
+
+
+def save_atomic(state, path):
+    """``torch.save`` ``state`` to ``path`` atomically."""
+    write_atomic(path, lambda temporary: torch.save(state, temporary))
 
 
 class SafeCheckpointMixin:
