@@ -3,8 +3,9 @@
 For ``model: DCCL`` the configuration is layered as RecBole layers its own models, with the backbone standing
 in for the model: RecBole's ``overall.yaml``, the backbone's YAML, the dataset YAML and the family quick-start
 YAML, then ours (``properties/quick_start_config/<family>.yaml``, ``properties/model/DCCL.yaml``), then the
-user's files, dict and command line. ``properties/overall.yaml`` applies to plain RecBole models too. ``MODEL_TYPE`` and ``MODEL_INPUT_TYPE`` are the backbone's, so RecBole's
-datasets and dataloaders work unchanged; ``model`` stays ``DCCL`` so the trainer and checkpoints are ours.
+user's files, dict and command line; ``properties/overall.yaml`` applies to plain RecBole models too.
+``MODEL_TYPE`` and ``MODEL_INPUT_TYPE`` are the backbone's, so RecBole's datasets and dataloaders work unchanged;
+``model`` stays ``DCCL`` so the trainer and checkpoints are ours.
 """
 
 import os

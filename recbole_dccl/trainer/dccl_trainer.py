@@ -41,13 +41,13 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
             device_rows = schedule.device_rows(round_idx)
             self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
             self._device_phase(round_idx, train_data.dataset, device_rows)
-            best = self._record(round_idx, "device", best)
+            best = self._record(round_idx, "device", best, changed=("device",))
             teachers = DeviceTeachers(self.model)
             loader = schedule.loader(device_rows)
             self._momodistill(round_idx, loader, teachers)
             best = self._record(round_idx, "momodistill", best)
             self._learn_shared_parameters(round_idx, loader, teachers)
-            best = self._record(round_idx, "shared", best)
+            best = self._record(round_idx, "shared", best, changed=("device",))
 
         self.model.load_state_dict(best["device_state"])
         self.model.view = "device"
@@ -153,11 +153,15 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
         result = self.evaluate(data, load_best_model=False, show_progress=self.show_progress)
         return {key: float(value) for key, value in result.items()}, self.group_result
 
-    def _record(self, round_idx, phase, best=None):
-        """Score both views after a phase, log them, and keep the best of each view on valid."""
+    def _record(self, round_idx, phase, best=None, changed=None):
+        """Score the views a phase ``changed`` (default: both), log them, and keep the best of each view on valid;
+        a view the phase left alone keeps its previous scores."""
         entry = {"round": round_idx, "phase": phase}
         best = best or {}
         for view in self.model.VIEWS:
+            if changed is not None and view not in changed:
+                entry[view] = self.history[-1][view]
+                continue
             scores = {}
             scores["valid"], scores["valid_groups"] = self._evaluate_view(self.valid_data, view)
             if self.test_data is not None:
