@@ -50,6 +50,10 @@ class UserGroups:
                 self.names.append(f"G{index + 1} (empty)")
                 self.sizes.append(0)
 
+    def members(self):
+        """``{group name: [user ids]}``."""
+        return {name: torch.nonzero(self.group_of_user == index).squeeze(1).tolist() for index, name in enumerate(self.names)}
+
     def evaluate(self, evaluator, struct):
         """``{group name: {'users': n, metric: value, ...}}`` for the rows of ``struct``."""
         users = struct[USER_ROWS]

@@ -203,6 +203,7 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
             "dccl_cloud": strip(best["cloud"]),
             "dccl_device": strip(best["device"]),
             "history": self.history,
+            "user_groups": self.eval_collector.groups.members(),
             "config": {key: plain(self.config[key]) for key in keys},
             "phase_seconds": self.phase_seconds,
         }
