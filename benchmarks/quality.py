@@ -123,6 +123,13 @@ def summarise(cells, variants, seeds):
                 "test": {metric: mean_std([result["test_groups"][group][metric] for result in results]) for metric in METRICS},
                 "paired_gain": {metric: paired_gain(results, baselines, metric, users) for metric in METRICS},
             }
+        if "data cloud" in rows and name != "data cloud":
+            # The acceptance's second baseline: the model-over-data cloud of the same seed.
+            tail = [set(seed_members[group_names[0]]) for seed_members in members]
+            row["paired_gain_vs_data"] = {
+                scope: {metric: paired_gain(results, rows["data cloud"], metric, users) for metric in METRICS}
+                for scope, users in (("all", None), ("least_active_group", tail))
+            }
         summary["rows"][name] = row
     summary["rounds"] = round_curves(cells, variants, seeds)
     return summary
@@ -157,6 +164,13 @@ def markdown(summary):
             f"| {name} | {fmt(row['valid']['ndcg@10'])} | {fmt(row['test']['ndcg@10'])} | {fmt(row['test']['hit@10'])} "
             f"| {gain(row['paired_gain']['ndcg@10'])} | {gain(row['paired_gain']['hit@10'])} |"
         )
+    versus_data = {name: row["paired_gain_vs_data"] for name, row in summary["rows"].items() if "paired_gain_vs_data" in row}
+    if versus_data:
+        lines += ["", f"Paired gain vs the model-over-data cloud (`data` variant) of the same seed [95% CI]; {summary['groups'][0]}:",
+                  "", "| model | NDCG@10 | Hit@10 | least-active NDCG@10 | least-active Hit@10 |", "|---|---|---|---|---|"]
+        for name, gains in versus_data.items():
+            scopes = (gains["all"], gains["least_active_group"])
+            lines.append(f"| {name} | " + " | ".join(gain(scope[metric]) for scope in scopes for metric in METRICS) + " |")
     lines += ["", "Test NDCG@10 by user group (training interactions), paired gain vs cloud-only [95% CI]:", ""]
     lines.append("| model | " + " | ".join(summary["groups"]) + " |")
     lines.append("|---" * (len(summary["groups"]) + 1) + "|")
@@ -184,7 +198,7 @@ def plot(summary, out):
         stds = [row["groups"][group]["test"]["ndcg@10"]["std"] for group in groups]
         positions = np.arange(len(groups)) + (index - (len(rows) - 1) / 2) * width
         axes.bar(positions, means, width, yerr=stds, label=name, capsize=2)
-    axes.set_xticks(np.arange(len(groups)), [group.replace(" ", "\n") for group in groups])
+    axes.set_xticks(np.arange(len(groups)), [group.replace(" ", "\n", 1) for group in groups])
     axes.set_xlabel("user group (training interactions, least active first)")
     axes.set_ylabel("test NDCG@10 (mean ± std over seeds)")
     axes.legend(fontsize="small")
@@ -193,12 +207,13 @@ def plot(summary, out):
     pyplot.close(figure)
 
     figure, axes = pyplot.subplots(figsize=(7, 4))
+    # Variants without devices skip phases: place every point at its phase's position in the longest run.
+    longest = max(summary["rounds"].values(), key=lambda curve: len(curve["phases"]))["phases"]
     for variant, curve in summary["rounds"].items():
-        steps = np.arange(len(curve["phases"]))
+        steps = [longest.index(phase) for phase in curve["phases"]]
         axes.plot(steps, curve["cloud"], marker="o", label=f"{variant} cloud")
         if curve["device"] != curve["cloud"]:
             axes.plot(steps, curve["device"], marker="s", linestyle="--", label=f"{variant} device")
-    longest = max(summary["rounds"].values(), key=lambda curve: len(curve["phases"]))["phases"]
     axes.set_xticks(np.arange(len(longest)), longest, rotation=30, fontsize="small")
     axes.set_xlabel("round:phase")
     axes.set_ylabel("test NDCG@10 (mean over seeds)")

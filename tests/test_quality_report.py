@@ -64,6 +64,9 @@ def test_paired_gain_and_interval(cells):
     assert rows["dccl device"]["groups"]["G2 [6, 9]"]["paired_gain"]["ndcg@10"]["gain"] == pytest.approx(0.0)
     overall = rows["dccl device"]["paired_gain"]["ndcg@10"]
     assert 0.0 < overall["ci95"][0] < overall["gain"] < overall["ci95"][1] < 0.5  # users differ: a real interval
+    versus_data = rows["dccl cloud"]["paired_gain_vs_data"]["all"]["ndcg@10"]
+    assert versus_data["gain"] == pytest.approx(1 / 0.9 - 1)
+    assert "paired_gain_vs_data" not in rows["data cloud"]
     assert summary["rounds"]["dccl"]["phases"] == ["0:cloud", "1:momodistill"]
 
 
