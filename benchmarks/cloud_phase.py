@@ -54,7 +54,9 @@ def measure(args, backbone):
 
     epochs = {
         "plain_epoch_s": plain_epoch,
-        "momodistill_epoch_s": lambda: distill_cloud_epoch(model, loader, cloud_optimizer, teachers, config),
+        "momodistill_epoch_s": lambda: distill_cloud_epoch(
+            model, loader, cloud_optimizer, teachers, config["distill_weight"], config
+        ),
         "shared_epoch_s": lambda: shared_parameters_epoch(model, loader, shared_optimizer, teachers, config),
     }
     best = {name: float("inf") for name in epochs}

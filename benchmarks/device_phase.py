@@ -9,7 +9,11 @@ For each case: the batched device phase (``personalise``) on every device, the r
 (the mean time per device times the number of devices; ``loop_extrapolated`` says so), and the largest difference
 between the two on the sampled devices. ``device_phase_gflop`` counts the matmuls of the per-epoch math (patch and
 item scoring, forward and the backward the metapatch needs; the one frozen forward pass that fills the site cache
-is timed but not counted), ``peak_gflops`` is a large fp32 matmul timed in the same run.
+is timed but not counted), ``peak_gflops`` is a large fp32 matmul timed in the same run. For RecBole datasets,
+``plain_epoch_s`` is one plain training epoch of the backbone over the dataset's whole training set (its own
+``calculate_loss``, the trainer's optimizer, as RecBole trains it), timed on ``--plain_batches`` batches and
+extrapolated by the number of batches (``plain_epoch_extrapolated``); ``batched_over_plain_epoch`` compares the
+device phase with it.
 
 ``--scale`` runs the device phase alone on synthetic users (``benchmarks/synthetic.py``, long-tailed, every
 interaction a device row) with a small GRU4Rec whose weights are untrained: building RecBole's sequential dataset
@@ -116,8 +120,32 @@ def measure(name, model, local, settings, loop_users, seed=2020):
     }
 
 
+def plain_epoch(model, trainer, train_data, max_batches):
+    """Seconds of one plain backbone training epoch over ``train_data``, from its first ``max_batches`` batches
+    (0: all), and whether they were extrapolated. Run after the device phase: it trains the backbone."""
+    optimizer = trainer._build_optimizer(params=model.backbone.parameters())
+    batches = len(train_data) if max_batches <= 0 else min(max_batches, len(train_data))
+    model.train()
+    began = perf_counter()
+    for index, interaction in enumerate(train_data):
+        if index == batches:
+            break
+        loss = model.backbone.calculate_loss(interaction)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    seconds = perf_counter() - began
+    return {
+        "plain_epoch_s": seconds / batches * len(train_data),
+        "plain_epoch_rows": len(train_data.dataset),
+        "plain_epoch_extrapolated": batches < len(train_data),
+        "plain_epoch_measured_batches": batches,
+    }
+
+
 def recbole_case(args, backbone, protocol):
-    """DCCL over ``backbone`` on a RecBole dataset, the local data of round 1 of ``protocol``."""
+    """DCCL over ``backbone`` on a RecBole dataset, the local data of round 1 of ``protocol``; also the model's
+    trainer and training data."""
     config_dict = {
         "backbone": backbone, "protocol": protocol, "MAX_ITEM_LIST_LENGTH": args.max_len, "show_progress": False,
         "device_epochs": args.device_epochs, "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
@@ -133,7 +161,7 @@ def recbole_case(args, backbone, protocol):
     rows = RoundSchedule(config, train_data).device_rows(1)
     settings = DeviceSettings(config)
     local = LocalData.from_rows(train_data.dataset, rows, settings.valid_size, config["device"])
-    return model, local, settings
+    return model, local, settings, trainer, train_data
 
 
 def shape_dataset(folder, items):
@@ -182,10 +210,12 @@ def build_scale_model(args):
 
 def print_table(records):
     columns = ["case", "users", "samples", "batched_s", "loop_s", "speedup_vs_loop", "max_abs_diff_vs_loop",
-               "peak_rss_mb", "users_per_s", "device_phase_gflop", "achieved_gflops", "peak_gflops"]
+               "peak_rss_mb", "users_per_s", "device_phase_gflop", "achieved_gflops", "peak_gflops",
+               "batched_over_plain_epoch"]
     print(" | ".join(columns))
     for record in records:
-        print(" | ".join(f"{record[c]:.3g}" if isinstance(record[c], float) else str(record[c]) for c in columns))
+        values = [record.get(c, "-") for c in columns]
+        print(" | ".join(f"{value:.3g}" if isinstance(value, float) else str(value) for value in values))
 
 
 def main():
@@ -197,6 +227,7 @@ def main():
     parser.add_argument("--device_epochs", type=int, default=3, help="3, as the issue's reference figures")
     parser.add_argument("--max_len", type=int, default=20, help="MAX_ITEM_LIST_LENGTH")
     parser.add_argument("--loop_users", type=int, default=50, help="devices the reference loop is timed on")
+    parser.add_argument("--plain_batches", type=int, default=10, help="batches a plain epoch is timed on (0: all)")
     parser.add_argument("--scale", default=None, help="comma-separated user counts: the device phase alone")
     parser.add_argument("--scale_rows", type=int, default=5, help="mean interactions per synthetic user")
     parser.add_argument("--scale_items", type=int, default=1000)
@@ -214,8 +245,11 @@ def main():
     else:
         for backbone in args.backbones.split(","):
             for protocol in args.protocols.split(","):
-                model, local, settings = recbole_case(args, backbone, protocol)
-                records.append(measure(f"{args.dataset} {backbone} {protocol}", model, local, settings, args.loop_users))
+                model, local, settings, trainer, train_data = recbole_case(args, backbone, protocol)
+                record = measure(f"{args.dataset} {backbone} {protocol}", model, local, settings, args.loop_users)
+                record.update(plain_epoch(model, trainer, train_data, args.plain_batches))
+                record["batched_over_plain_epoch"] = record["batched_s"] / record["plain_epoch_s"]
+                records.append(record)
                 print_table(records[-1:])
     print_table(records)
     if args.json:
