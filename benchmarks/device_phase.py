@@ -157,7 +157,7 @@ def recbole_case(args, backbone, protocol):
         config_dict["data_path"] = folder
     elif args.data_path:
         config_dict["data_path"] = args.data_path
-    config, (train_data, _, _), model, _ = build(config_dict, dataset=args.dataset)
+    config, (train_data, _, _), model, trainer = build(config_dict, dataset=args.dataset)
     rows = RoundSchedule(config, train_data).device_rows(1)
     settings = DeviceSettings(config)
     local = LocalData.from_rows(train_data.dataset, rows, settings.valid_size, config["device"])
