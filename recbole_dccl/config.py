@@ -94,6 +94,7 @@ SETTING_RULES = {
     "device_select": (lambda v: v in ("best", "last"), "'best' or 'last'"),
     "device_l2": _NON_NEGATIVE,
     "device_chunk_size": _POSITIVE_INT,
+    "device_cache_mb": _NON_NEGATIVE_INT,
     "cloud_epochs": _NON_NEGATIVE_INT,
     "distill_weight": _NON_NEGATIVE,
     "distill_temperature": _POSITIVE,

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from recbole_dccl.data import RoundSchedule
+from recbole_dccl.model.metapatch import PatchContext, wrap_site
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise, personalise_one_by_one
+from recbole_dccl.trainer.site_cache import SiteCache
 from tests.helpers import build
 
 
@@ -30,6 +32,46 @@ def test_batched_device_phase_equals_per_user_loop(tiny_config, protocol, valid_
         assert 0 < int(batched.adopted.sum()) < len(local.users)  # the guard keeps some cloud models
         assert torch.allclose(batched.valid_loss_device, loop.valid_loss_device, atol=1e-5)
         assert torch.all(batched.valid_loss_device <= batched.valid_loss_cloud)
+
+
+@pytest.mark.parametrize(
+    "patch_sites,cache_bytes",
+    [(None, 0), (None, 16 * 20), (["backbone.item_embedding"], 8 * 16 * 20), (["backbone.item_embedding"], 0)],
+    ids=["no cache", "backbone cached, devices in groups", "deep site cached, in groups", "deep site, no cache"],
+)
+def test_site_cache_and_groups_never_change_results(tiny_config, patch_sites, cache_bytes):
+    _, model, local, settings = local_setup({**tiny_config, "patch_sites": patch_sites, "device_chunk_size": 5})
+    settings.cache_bytes = cache_bytes  # 4-byte floats: a few rows of site output per group of devices
+    start = 0.1 * torch.randn(len(local.users), model.metapatch.shape[1], generator=torch.Generator().manual_seed(0))
+    batched = personalise(model, local, start, settings, seed=5)
+    loop = personalise_one_by_one(model, local, start, settings, seed=5)
+    assert (batched.metapatch - start).abs().max() > 1e-3
+    assert (batched.metapatch - loop.metapatch).abs().max() < 1e-5
+    assert torch.equal(batched.adopted, loop.adopted)
+
+
+def test_lowest_site_is_found_and_cached(tiny_config):
+    _, model, local, _ = local_setup({**tiny_config, "patch_sites": ["backbone", "backbone.item_embedding"]})
+    cache, why_not = SiteCache.probe(model, local.interaction)
+    assert why_not is None and cache.site == "backbone.item_embedding"  # returns before the backbone does
+    outputs = cache.outputs(model, local.interaction, chunk_size=7)["backbone.item_embedding"]
+    items = local.interaction[model.backbone.ITEM_SEQ]
+    assert torch.equal(outputs, model.backbone.item_embedding.weight[items])
+
+
+def test_a_site_that_runs_twice_per_forward_pass_is_not_cached():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 3)
+            self.context = PatchContext()
+            wrap_site("layer", self.layer, lambda output, metapatch: output, self.context)
+
+        def forward(self, rows):
+            return self.layer(self.layer(rows))
+
+    cache, why_not = SiteCache.probe(Twice(), torch.randn(6, 3))
+    assert cache is None and why_not == "the lowest patch site [layer] runs 2 times per forward pass"
 
 
 def test_a_device_learns_from_its_own_data_only(tiny_config):

@@ -64,7 +64,7 @@ class DCCL(AbstractRecommender):
         self.patches, metapatch_dim = self._build_patches(config, dims)
         self.context = PatchContext()
         for name, module in sites.items():
-            wrap_site(module, self.patches[self._key(name)], self.context)
+            wrap_site(name, module, self.patches[self._key(name)], self.context)
 
         self.encoder = AuxiliaryEncoder(
             dataset, metapatch_dim, config["encoder_embedding_size"], config["encoder_hidden_size"]

@@ -9,6 +9,9 @@ ReLU: a ReLU bottleneck whose units are all negative for a user's rows gives tha
 
 Sites are attached by module name, like PEFT's ``target_modules``: the module's ``forward`` is wrapped on the
 instance, which catches both ``module(x)`` and the ``self.forward(...)`` calls RecBole models make on themselves.
+The wrapper can also report each site's unpatched output (``PatchContext.capture``) and stand in a given output for
+a site's own computation (``PatchContext.replay``): the device phase uses both to run the frozen backbone below the
+lowest site once per round instead of once per step (``recbole_dccl/trainer/site_cache.py``).
 """
 
 import math
@@ -52,6 +55,20 @@ class MetaPatch(ResidualBottleneck):
         up = torch.einsum("bk,krd->brd", metapatch, self.theta_up)
         return down, up
 
+    def forward(self, z, metapatch):
+        # The same function as the per-row D and U of weights(), without forming them: z meets every Theta_D[k]
+        # in one matmul and the metapatch weights the results (likewise gelu(z @ D) ⊗ metapatch meets Theta_U).
+        rows, dim = z.shape[0], z.shape[-1]
+        metapatch_dim, rank = self.theta_up.shape[:2]
+        flat = z.reshape(rows, -1, dim)
+        weights = metapatch[:, None, :, None]  # [B, 1, k, 1]
+        theta_down = self.theta_down.permute(1, 0, 2).reshape(dim, metapatch_dim * rank)
+        by_theta = (flat @ theta_down).view(rows, -1, metapatch_dim, rank)
+        hidden = F.gelu(flat @ self.base_down + (by_theta * weights).sum(dim=2))
+        weighted = (hidden.unsqueeze(2) * weights).reshape(rows, -1, metapatch_dim * rank)
+        patch = weighted @ self.theta_up.reshape(metapatch_dim * rank, dim)
+        return z + patch.reshape(z.shape)
+
 
 class UserPatch(ResidualBottleneck):
     """``device_method: patch`` (ablation): the user's vector holds this site's ``D - base`` and ``U`` themselves,
@@ -72,10 +89,14 @@ class UserPatch(ResidualBottleneck):
 
 
 class PatchContext:
-    """The metapatch rows of the batch being computed; ``None`` runs the cloud model untouched."""
+    """The metapatch rows of the batch being computed (``None`` runs the cloud model untouched); ``capture``: a
+    list that receives ``(site name, unpatched output)`` as each site returns; ``replay``: site name -> the
+    unpatched output to use instead of running that site."""
 
     def __init__(self):
         self.metapatch = None
+        self.capture = None
+        self.replay = {}
 
 
 def find_sites(root, root_name, patterns):
@@ -93,12 +114,14 @@ def find_sites(root, root_name, patterns):
     return sites
 
 
-def wrap_site(module, patch_for_output, context):
-    """Make ``module`` add its patch to its output whenever ``context.metapatch`` is set."""
+def wrap_site(name, module, patch_for_output, context):
+    """Make site ``name`` (``module``) add its patch to its output whenever ``context.metapatch`` is set."""
     original = module.forward
 
     def forward(*args, **kwargs):
-        output = original(*args, **kwargs)
+        output = context.replay[name] if name in context.replay else original(*args, **kwargs)
+        if context.capture is not None:
+            context.capture.append((name, output))
         if context.metapatch is None:
             return output
         return patch_for_output(output, context.metapatch)

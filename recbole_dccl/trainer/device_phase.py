@@ -13,23 +13,27 @@ is the plain reference: one device at a time, one ``torch.optim.Adam`` each, the
 benchmarks check that the two agree.
 """
 
+import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from recbole_dccl.data import positions_from_newest
 from recbole_dccl.trainer.progress import progress
+from recbole_dccl.trainer.site_cache import SiteCache, replaying
 
 
 @dataclass
 class LocalData:
-    """The rows the devices hold this round, with the device (index into ``users``) that owns each row."""
+    """The rows the devices hold this round, with the device (index into ``users``) that owns each row;
+    ``cached``: the lowest patch site's output for every row, when the device phase runs from it."""
 
     interaction: object
     users: torch.Tensor
     owner: torch.Tensor
     is_valid: torch.Tensor
+    cached: dict = field(default_factory=dict)
 
     @classmethod
     def from_rows(cls, dataset, rows, valid_size, device):
@@ -38,6 +42,14 @@ class LocalData:
         users, owner = torch.unique(user_ids, return_inverse=True)
         from_newest = torch.from_numpy(positions_from_newest(user_ids.cpu().numpy())).to(device)
         return cls(interaction, users, owner, from_newest < valid_size)
+
+    def subset(self, devices):
+        """The local data of ``devices`` (indices into ``users``), renumbered in that order, and its rows here."""
+        renumber = torch.full((len(self.users),), -1, dtype=torch.long, device=self.owner.device)
+        renumber[devices] = torch.arange(len(devices), device=self.owner.device)
+        rows = torch.nonzero(renumber[self.owner] >= 0).squeeze(1)
+        part = LocalData(self.interaction[rows], self.users[devices], renumber[self.owner[rows]], self.is_valid[rows])
+        return part, rows
 
 
 @dataclass
@@ -52,6 +64,17 @@ class DeviceResult:
         """Without local validation every device keeps what it trained."""
         nan = torch.full((len(metapatch),), float("nan"), device=metapatch.device)
         return cls(metapatch, (metapatch != 0).any(dim=1), nan, nan)
+
+    @classmethod
+    def gather(cls, shape, parts, device):
+        """One result for all devices from ``(devices, DeviceResult of those devices)`` parts."""
+        nan = torch.full(shape[:1], float("nan"), device=device)
+        whole = cls(torch.zeros(shape, device=device), torch.zeros(shape[:1], dtype=torch.bool, device=device), nan,
+                    nan.clone())
+        for devices, part in parts:
+            for name in ("metapatch", "adopted", "valid_loss_cloud", "valid_loss_device"):
+                getattr(whole, name)[devices] = getattr(part, name)
+        return whole
 
 
 @contextmanager
@@ -73,12 +96,19 @@ def frozen(model):
 def row_losses(model, local, rows, metapatch):
     """Per-row data loss of ``rows`` under their devices' rows of ``metapatch`` (``[devices, k]``)."""
     interaction = local.interaction[rows]
-    logits = model(interaction, metapatch[local.owner[rows]])
+    with replaying(model, {site: outputs[rows] for site, outputs in local.cached.items()}):
+        logits = model(interaction, metapatch[local.owner[rows]])
     return model.objective.loss(logits, interaction)
 
 
 def chunks(rows, size):
     return (rows[start : start + size] for start in range(0, len(rows), size))
+
+
+def shuffle_keys(rows, epochs, seed):
+    """``[epochs, rows]`` random keys: each epoch visits a device's training rows in the order of their keys."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.rand(rows, generator=generator) for _ in range(epochs)]) if epochs else torch.empty(0, rows)
 
 
 @torch.no_grad()
@@ -92,39 +122,42 @@ def valid_losses(model, local, metapatch, chunk_size):
     return total / count  # 0/0 = nan where a device holds nothing out
 
 
-def epoch_order(local, train_rows, generator):
-    """Train rows grouped by device, in a random order within each device, and each row's position there."""
-    keys = torch.rand(len(train_rows), generator=generator).to(train_rows.device)
+def epoch_steps(local, train_rows, keys, batch_size):
+    """The training rows of each step of one epoch: every device's rows in the order of their ``keys``, cut into
+    minibatches; step s holds minibatch s of every device that has one. Returns the rows ordered by step and
+    each step's ``(start, end)`` in them."""
     order = torch.argsort(keys)
     order = order[torch.argsort(local.owner[train_rows][order], stable=True)]
     rows = train_rows[order]
     owners = local.owner[rows]
     first = torch.searchsorted(owners, torch.arange(len(local.users), device=rows.device))
-    return rows, torch.arange(len(rows), device=rows.device) - first[owners]
+    step = (torch.arange(len(rows), device=rows.device) - first[owners]) // batch_size
+    rows = rows[torch.argsort(step, stable=True)]
+    ends = torch.cumsum(torch.bincount(step), 0).tolist() if len(rows) else []
+    return rows, list(zip([0] + ends[:-1], ends))
 
 
 class PerDeviceAdam:
-    """``torch.optim.Adam``'s update with one state (moments, step count) per device (row of the parameter)."""
+    """``torch.optim.Adam``'s update with one state (moments, step count) per device (row of the parameter).
+    Devices are numbered by decreasing number of training rows, so the devices of a step are always the first
+    ``active`` rows and every update works on slices, not on gathered copies."""
 
     def __init__(self, param, lr, betas=(0.9, 0.999), eps=1e-8):
         self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
         self.exp_avg = torch.zeros_like(param)
         self.exp_avg_sq = torch.zeros_like(param)
-        self.steps = torch.zeros(len(param), dtype=torch.float64, device=param.device)
+        self.steps = torch.zeros(len(param), 1, dtype=torch.float64, device=param.device)
 
     @torch.no_grad()
     def step(self, param, grad, active):
-        """Update the rows of ``param`` where ``active``."""
-        self.steps[active] += 1
-        steps = self.steps[active].unsqueeze(1)
-        grad = grad[active]
-        exp_avg = self.exp_avg[active].lerp_(grad, 1 - self.beta1)
-        exp_avg_sq = self.exp_avg_sq[active].mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-        self.exp_avg[active], self.exp_avg_sq[active] = exp_avg, exp_avg_sq
+        """Update the first ``active`` rows of ``param`` with their gradient ``grad``."""
+        steps = self.steps[:active].add_(1)
+        exp_avg = self.exp_avg[:active].lerp_(grad, 1 - self.beta1)
+        exp_avg_sq = self.exp_avg_sq[:active].mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
         step_size = (self.lr / (1 - self.beta1**steps)).to(param.dtype)
         bias_correction2_sqrt = ((1 - self.beta2**steps) ** 0.5).to(param.dtype)
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-        param[active] -= step_size * exp_avg / denom
+        param[:active] -= step_size * exp_avg / denom
 
 
 class BestOnLocalValidation:
@@ -155,56 +188,94 @@ class DeviceSettings:
         self.valid_size = config["device_valid_size"]
         self.l2 = config["device_l2"]
         self.chunk_size = config["device_chunk_size"]
+        self.cache_bytes = config["device_cache_mb"] * 2**20
         self.show_progress = config["show_progress"]
         self.select = config["device_select"]
 
 
+def device_groups(local, max_rows):
+    """Devices by decreasing number of training rows, cut into consecutive groups of at most ``max_rows`` local
+    rows (a device with more rows alone)."""
+    train_counts = torch.bincount(local.owner[~local.is_valid], minlength=len(local.users))
+    counts = torch.bincount(local.owner, minlength=len(local.users))
+    order = torch.argsort(train_counts, descending=True, stable=True)
+    totals = torch.cumsum(counts[order], 0).tolist()
+    groups, first, base = [], 0, 0
+    for index, total in enumerate(totals):
+        if total - base > max_rows and index > first:
+            groups.append(order[first:index])
+            first, base = index, totals[index - 1]
+    return groups + [order[first:]]
+
+
 def personalise(model, local, start, settings, seed):
-    """Train all devices' metapatches at once from ``start`` (``[devices, k]``); see the module docstring."""
+    """Train all devices' metapatches at once from ``start`` (``[devices, k]``); see the module docstring.
+
+    The devices train group by group, each group's rows sized so that its cached site outputs fit in
+    ``device_cache_mb``; a device's training depends on its own rows only, so grouping never changes a result."""
     with frozen(model):
-        train_rows = torch.nonzero(~local.is_valid).squeeze(1)
-        guard = BestOnLocalValidation(model, local, start.shape, settings.chunk_size) if settings.valid_size else None
-        every_epoch = guard is not None and settings.select == "best"
+        keys = shuffle_keys(len(local.owner), settings.epochs, seed).to(local.owner.device)
+        cache, why_not = SiteCache.probe(model, local.interaction) if settings.cache_bytes else (None, "device_cache_mb=0")
+        if cache is None:
+            logging.getLogger().info(f"device phase: no site-output cache ({why_not}); the model runs every step")
+            groups = device_groups(local, len(local.owner))
+        else:
+            groups = device_groups(local, max(settings.cache_bytes // cache.bytes_per_row, 1))
+            logging.getLogger().info(
+                f"device phase: site [{cache.site}] computed once per round, {len(groups)} group(s) of devices"
+            )
+        parts = []
+        for devices in progress(groups, "Devices", settings.show_progress and len(groups) > 1):
+            group, rows = local.subset(devices)
+            if cache is not None:
+                group.cached = cache.outputs(model, group.interaction, settings.chunk_size)
+            parts.append((devices, personalise_group(model, group, start[devices], keys[:, rows], settings)))
+        return DeviceResult.gather(start.shape, parts, start.device)
+
+
+def personalise_group(model, local, start, keys, settings):
+    """:func:`personalise` for devices numbered by decreasing number of training rows."""
+    train_rows = torch.nonzero(~local.is_valid).squeeze(1)
+    counts = torch.bincount(local.owner[train_rows], minlength=len(local.users))
+    guard = BestOnLocalValidation(model, local, start.shape, settings.chunk_size) if settings.valid_size else None
+    every_epoch = guard is not None and settings.select == "best"
+    if every_epoch:
+        guard.consider(start)
+    metapatch = start.clone()
+    adam = PerDeviceAdam(metapatch, settings.learning_rate)
+    for epoch in range(settings.epochs):
+        rows, steps = epoch_steps(local, train_rows, keys[epoch][train_rows], settings.batch_size)
+        for step, (first, end) in enumerate(steps):
+            in_step = (counts - step * settings.batch_size).clamp(0, settings.batch_size)
+            active = int((in_step > 0).sum())
+            trained = metapatch[:active].detach().requires_grad_(True)  # shares memory with metapatch
+            for chunk in chunks(rows[first:end], settings.chunk_size):
+                losses = row_losses(model, local, chunk, trained)
+                (losses / in_step[local.owner[chunk]]).sum().backward()
+            if settings.l2:
+                (settings.l2 * ((trained - start[:active]) ** 2).sum()).backward()
+            adam.step(metapatch, trained.grad, active)
         if every_epoch:
-            guard.consider(start)
-        metapatch = start.clone().requires_grad_(True)
-        adam = PerDeviceAdam(metapatch, settings.learning_rate)
-        generator = torch.Generator().manual_seed(seed)
-        for _ in progress(range(settings.epochs), "Devices", settings.show_progress):
-            rows, position = epoch_order(local, train_rows, generator)
-            step_of_row = position // settings.batch_size
-            for step in range(int(step_of_row.max()) + 1 if len(rows) else 0):
-                step_rows = rows[step_of_row == step]
-                count = torch.bincount(local.owner[step_rows], minlength=len(local.users))
-                metapatch.grad = None
-                for chunk in chunks(step_rows, settings.chunk_size):
-                    losses = row_losses(model, local, chunk, metapatch)
-                    (losses / count[local.owner[chunk]]).sum().backward()
-                if settings.l2:
-                    pull = ((metapatch - start) ** 2).sum(dim=1)
-                    (settings.l2 * pull[count > 0]).sum().backward()
-                adam.step(metapatch, metapatch.grad, count > 0)
-            if every_epoch:
-                guard.consider(metapatch)
-        if guard is None:
-            return DeviceResult.unguarded(metapatch.detach())
-        if not every_epoch:
             guard.consider(metapatch)
-        return guard.result()
+    if guard is None:
+        return DeviceResult.unguarded(metapatch)
+    if not every_epoch:
+        guard.consider(metapatch)
+    return guard.result()
 
 
-def personalise_one_by_one(model, local, start, settings, seed):
-    """Reference for :func:`personalise`: a plain loop, one device and one ``torch.optim.Adam`` at a time."""
+def personalise_one_by_one(model, local, start, settings, seed, devices=None):
+    """Reference for :func:`personalise`: a plain loop, one device and one ``torch.optim.Adam`` at a time, the
+    whole model run for every minibatch. ``devices``: only these (indices into ``local.users``; default all), for
+    benchmarks that time a sample; the result has their rows in that order."""
     with frozen(model):
-        train_rows = torch.nonzero(~local.is_valid).squeeze(1)
-        valid_rows = torch.nonzero(local.is_valid).squeeze(1)
-        generator = torch.Generator().manual_seed(seed)
-        epoch_keys = [torch.rand(len(train_rows), generator=generator) for _ in range(settings.epochs)]
-        kept, cloud_losses, kept_losses = torch.zeros_like(start), [], []
-        for device in range(len(local.users)):
-            mine = (local.owner[train_rows] == device).cpu()
-            own_rows = train_rows[mine.to(train_rows.device)]
-            own_valid = valid_rows[local.owner[valid_rows] == device]
+        keys = shuffle_keys(len(local.owner), settings.epochs, seed).to(local.owner.device)
+        devices = range(len(local.users)) if devices is None else [int(device) for device in devices]
+        kept = torch.zeros(len(devices), start.shape[1], device=start.device)
+        cloud_losses, kept_losses = [], []
+        for index, device in enumerate(devices):
+            own_rows = torch.nonzero((local.owner == device) & ~local.is_valid).squeeze(1)
+            own_valid = torch.nonzero((local.owner == device) & local.is_valid).squeeze(1)
 
             @torch.no_grad()
             def valid_loss(metapatch_row):
@@ -217,8 +288,8 @@ def personalise_one_by_one(model, local, start, settings, seed):
             param = torch.nn.Parameter(start[device : device + 1].clone())
             optimizer = torch.optim.Adam([param], lr=settings.learning_rate)
             candidates = [start[device : device + 1]]
-            for keys in epoch_keys:
-                shuffled = own_rows[torch.argsort(keys[mine]).to(own_rows.device)]
+            for epoch_keys in keys:
+                shuffled = own_rows[torch.argsort(epoch_keys[own_rows])]
                 for batch in chunks(shuffled, settings.batch_size):
                     interaction = local.interaction[batch]
                     logits = model(interaction, param.expand(len(batch), -1))
@@ -230,7 +301,7 @@ def personalise_one_by_one(model, local, start, settings, seed):
                     optimizer.step()
                 candidates.append(param.detach().clone())
             if not settings.valid_size:
-                kept[device] = param.detach()[0]
+                kept[index] = param.detach()[0]
                 continue
             best, best_loss = torch.zeros_like(param.detach()), valid_loss(torch.zeros_like(param.detach()))
             cloud_losses.append(best_loss)
@@ -238,7 +309,7 @@ def personalise_one_by_one(model, local, start, settings, seed):
                 loss = valid_loss(candidate)
                 if loss < best_loss:
                     best, best_loss = candidate, loss
-            kept[device], kept_losses = best[0], kept_losses + [best_loss]
+            kept[index], kept_losses = best[0], kept_losses + [best_loss]
         if not settings.valid_size:
             return DeviceResult.unguarded(kept)
         as_tensor = lambda values: torch.stack(values).to(kept.device)

@@ -1,0 +1,96 @@
+"""Cloud-phase cost: one MoMoDistill (step 1) epoch against one plain backbone epoch on the same data, in one run,
+and the cost of one step-2 epoch.
+
+    python benchmarks/cloud_phase.py --dataset=ml-100k --json=cloud.json
+
+The data is what the cloud learns from in round 1 (``--protocol``: the devices' rows). The plain epoch is the
+backbone's own ``calculate_loss`` with the same optimizer, as RecBole trains it; the MoMoDistill epoch adds the
+frozen device teachers' forward pass and the KL term; step 2 trains Theta and the auxiliary encoder, W_f frozen.
+Each epoch is timed ``--repeats`` times, interleaved, and the fastest kept (the machine is shared).
+"""
+
+import argparse
+import json
+import os
+import sys
+from time import perf_counter
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from recbole_dccl.data import RoundSchedule  # noqa: E402
+from recbole_dccl.trainer.momodistill import (  # noqa: E402
+    DeviceTeachers,
+    _run_epoch,
+    distill_cloud_epoch,
+    shared_parameters_epoch,
+)
+from tests.helpers import build  # noqa: E402
+
+
+def timed(run):
+    start = perf_counter()
+    run()
+    return perf_counter() - start
+
+
+def measure(args, backbone):
+    config_dict = {"backbone": backbone, "protocol": args.protocol, "MAX_ITEM_LIST_LENGTH": args.max_len,
+                   "show_progress": False}
+    config, (train_data, _, _), model, trainer = build(config_dict, dataset=args.dataset)
+    schedule = RoundSchedule(config, train_data)
+    loader = schedule.loader(schedule.device_rows(1))
+    with torch.no_grad():  # devices as if they had trained: non-zero uploaded metapatches
+        model.uploaded_metapatch.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    teachers = DeviceTeachers(model)
+    cloud_optimizer = trainer._build_optimizer(params=model.backbone.parameters())
+    shared = list(model.patches.parameters()) + list(model.encoder.parameters())
+    shared_optimizer = trainer._build_optimizer(params=shared, learning_rate=config["shared_learning_rate"])
+
+    def plain_epoch():
+        model.train()
+        _run_epoch(model, loader, cloud_optimizer, model.backbone.calculate_loss, config, "Plain")
+
+    epochs = {
+        "plain_epoch_s": plain_epoch,
+        "momodistill_epoch_s": lambda: distill_cloud_epoch(
+            model, loader, cloud_optimizer, teachers, config["distill_weight"], config
+        ),
+        "shared_epoch_s": lambda: shared_parameters_epoch(model, loader, shared_optimizer, teachers, config),
+    }
+    best = {name: float("inf") for name in epochs}
+    for _ in range(args.repeats):
+        for name, run in epochs.items():
+            best[name] = min(best[name], timed(run))
+    return {
+        "case": f"{args.dataset} {backbone} {args.protocol}",
+        "rows": len(loader.dataset),
+        **best,
+        "momodistill_over_plain": best["momodistill_epoch_s"] / best["plain_epoch_s"],
+        "shared_over_plain": best["shared_epoch_s"] / best["plain_epoch_s"],
+        "load_average": os.getloadavg()[0],
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--backbones", default="GRU4Rec,SASRec")
+    parser.add_argument("--protocol", default="incremental", help="incremental: the fresh rows; static: every training row")
+    parser.add_argument("--max_len", type=int, default=20, help="MAX_ITEM_LIST_LENGTH")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    records = []
+    for backbone in args.backbones.split(","):
+        records.append(measure(args, backbone))
+        print(json.dumps(records[-1]))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(records, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
