@@ -16,6 +16,7 @@ benchmarks check that the two agree.
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from recbole_dccl.data import positions_from_newest
@@ -30,14 +31,28 @@ class LocalData:
     users: torch.Tensor
     owner: torch.Tensor
     is_valid: torch.Tensor
+    key_index: torch.Tensor  # each training row's place among all the round's training rows (-1: held out)
+    n_keys: int  # training rows of the round, on all ranks
 
     @classmethod
-    def from_rows(cls, dataset, rows, valid_size, device):
-        interaction = dataset[torch.as_tensor(rows)].to(device)
-        user_ids = interaction[dataset.uid_field]
-        users, owner = torch.unique(user_ids, return_inverse=True)
-        from_newest = torch.from_numpy(positions_from_newest(user_ids.cpu().numpy())).to(device)
-        return cls(interaction, users, owner, from_newest < valid_size)
+    def from_rows(cls, dataset, rows, valid_size, device, share=(0, 1)):
+        """The devices of ``rows`` (indices into ``dataset``); with ``share=(index, parts)`` only the users at
+        positions ``index, index + parts, ...`` of the round's users, the ones a rank of ``parts`` holds."""
+        rows = np.asarray(rows)
+        user_ids = dataset.inter_feat[dataset.uid_field].numpy()[rows]
+        is_valid = positions_from_newest(user_ids) < valid_size
+        key_index = np.where(is_valid, -1, np.cumsum(~is_valid) - 1)
+        index, parts = share
+        mine = np.isin(user_ids, np.unique(user_ids)[index::parts])
+        interaction = dataset[torch.as_tensor(rows[mine])].to(device)
+        users, owner = torch.unique(interaction[dataset.uid_field], return_inverse=True)
+        as_tensor = lambda array: torch.from_numpy(array[mine]).to(device)
+        return cls(interaction, users, owner, as_tensor(is_valid), as_tensor(key_index), int((~is_valid).sum()))
+
+    def order_keys(self, rows, generator):
+        """One epoch's random sort keys of training ``rows``, drawn for all the round's training rows: a device's
+        order does not depend on which rank holds it."""
+        return torch.rand(self.n_keys, generator=generator)[self.key_index[rows].cpu()]
 
 
 @dataclass
@@ -94,7 +109,7 @@ def valid_losses(model, local, metapatch, chunk_size):
 
 def epoch_order(local, train_rows, generator):
     """Train rows grouped by device, in a random order within each device, and each row's position there."""
-    keys = torch.rand(len(train_rows), generator=generator).to(train_rows.device)
+    keys = local.order_keys(train_rows, generator).to(train_rows.device)
     order = torch.argsort(keys)
     order = order[torch.argsort(local.owner[train_rows][order], stable=True)]
     rows = train_rows[order]
@@ -199,7 +214,7 @@ def personalise_one_by_one(model, local, start, settings, seed):
         train_rows = torch.nonzero(~local.is_valid).squeeze(1)
         valid_rows = torch.nonzero(local.is_valid).squeeze(1)
         generator = torch.Generator().manual_seed(seed)
-        epoch_keys = [torch.rand(len(train_rows), generator=generator) for _ in range(settings.epochs)]
+        epoch_keys = [local.order_keys(train_rows, generator) for _ in range(settings.epochs)]
         kept, cloud_losses, kept_losses = torch.zeros_like(start), [], []
         for device in range(len(local.users)):
             mine = (local.owner[train_rows] == device).cpu()
