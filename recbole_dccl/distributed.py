@@ -12,8 +12,9 @@ Two things in RecBole 1.2.1 assume GPUs, and this module is the shim for both (n
 - ``AbstractTrainer`` wraps the model in ``DistributedDataParallel(model, device_ids=[local_rank])``, which DDP
   refuses for a CPU module. The DDP that RecBole's trainer module builds is replaced by
   :func:`_distributed_data_parallel`, which passes ``device_ids`` for GPU modules only, and does not re-broadcast
-  buffers from rank 0 on every forward pass: RecBole converts BatchNorm to SyncBatchNorm, whose buffers agree
-  across ranks anyway, and DCCL's per-user tables (``n_users`` rows) are kept equal by the trainer itself.
+  buffers from rank 0 on every forward pass (only when it is built): RecBole converts BatchNorm to SyncBatchNorm,
+  whose buffers agree across ranks anyway, and DCCL's per-user tables (``n_users`` rows) are kept equal by the
+  trainer itself.
 
 What runs where: RecBole's dataloaders give each rank its share of the rows (``DistributedSampler``); cloud
 training is data-parallel (DDP); the device phase gives each rank its share of the users
@@ -22,6 +23,7 @@ collected rows (:func:`gather_eval_rows`) so metrics, per-group ones included, a
 rank 0 writes files.
 """
 
+import inspect
 import os
 
 import recbole.trainer.trainer
@@ -132,10 +134,17 @@ def user_share(config):
 # Training ------------------------------------------------------------------------------------------------------
 
 
+# torch 2.13 renamed DDP's broadcast_buffers (which it deprecates) to forward_sync_buffers.
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
+
+
 def _distributed_data_parallel(module, device_ids=None, **kwargs):
     on_cpu = next(module.parameters()).device.type == "cpu"
-    kwargs.setdefault("broadcast_buffers", False)
-    return DistributedDataParallel(module, device_ids=None if on_cpu else device_ids, **kwargs)
+    return DistributedDataParallel(module, device_ids=None if on_cpu else device_ids, **{**_NO_BUFFER_SYNC, **kwargs})
 
 
 recbole.trainer.trainer.DistributedDataParallel = _distributed_data_parallel

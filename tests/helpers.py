@@ -26,12 +26,11 @@ def build(config_dict, model="DCCL", dataset="tiny"):
 
 
 def device_phase_metapatch(config_dict, out_dir=None):
-    """Build as :func:`build` does and run round 1's device phase; the uploaded metapatch table, which a
-    distributed rank also saves to ``out_dir/rank<r>.pt``."""
+    """Build as :func:`build` does and run round 1's device phase; returns the uploaded metapatch table, or on a
+    distributed rank saves it to ``out_dir/rank<r>.pt`` (a spawned process cannot hand a tensor back)."""
     config, (train_data, _, _), model, trainer = build(config_dict)
     trainer.verbose = False
     trainer._device_phase(1, train_data.dataset, RoundSchedule(config, train_data).device_rows(1))
-    table = model.uploaded_metapatch.cpu()
-    if out_dir is not None:
-        torch.save(table, os.path.join(out_dir, f"rank{torch.distributed.get_rank()}.pt"))
-    return table
+    if out_dir is None:
+        return model.uploaded_metapatch.cpu()
+    torch.save(model.uploaded_metapatch.cpu(), os.path.join(out_dir, f"rank{torch.distributed.get_rank()}.pt"))

@@ -22,7 +22,7 @@ TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 TIMEOUT = 300
 # Ranks see different batches in MoMoDistill, as with any change of batch order; the device phase and the
 # evaluation are exact.
-FINAL_TOLERANCE = 0.05
+FINAL_TOLERANCE = 0.03
 
 
 def free_port():
@@ -84,9 +84,11 @@ def assert_agrees_with_one_process(result, one):
     device_phase = lambda run: run["history"][1]
     assert device_phase(result)["phase"] == "device"
     assert device_phase(result)["device"] == device_phase(one)["device"]  # same metapatches, overall and by group
-    for view in ("dccl_cloud", "dccl_device"):
-        for metric, value in one[view]["test"].items():
-            assert result[view]["test"][metric] == pytest.approx(value, abs=FINAL_TOLERANCE), (view, metric)
+    final = lambda run: run["history"][-1]  # after MoMoDistill steps 1 and 2, trained data-parallel
+    for view in ("cloud", "device"):
+        for split in ("valid", "test"):
+            for metric, value in final(one)[view][split].items():
+                assert final(result)[view][split][metric] == pytest.approx(value, abs=FINAL_TOLERANCE), (view, metric)
 
 
 def test_device_phase_on_two_processes_gives_the_metapatches_of_one(tiny_config, tmp_path):
