@@ -11,6 +11,9 @@ sums the per-device mean losses (device m's metapatch only touches its own rows,
 each device's own gradient) and applies Adam with per-device moments and step counts. :func:`personalise_one_by_one`
 is the plain reference: one device at a time, one ``torch.optim.Adam`` each, the same minibatches. Tests and
 benchmarks check that the two agree.
+
+In a distributed run each rank holds a share of the devices (``LocalData.from_rows(share=...)``); random orders are
+drawn for all of the round's rows, so every device trains exactly as it does in one process.
 """
 
 from contextlib import contextmanager
