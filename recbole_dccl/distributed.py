@@ -205,13 +205,19 @@ def padded_samples(loader):
 
 def gather_eval_rows(struct, row_keys, padded):
     """``struct`` (a RecBole ``DataStruct``) with its per-row tensors ``row_keys`` replaced by every rank's rows,
-    this rank's ``padded`` trailing repeats left out, in rank order. Evaluation collects one row per sample in
-    every mode (full sort, labeled, uniN/popN), which is what makes the trailing rows the padding."""
+    without this rank's ``padded`` trailing repeats, in one process's order. An evaluation ``DistributedSampler``
+    (no shuffling) deals sample ``i`` to rank ``i % world_size``, and evaluation collects one row per sample in every
+    mode (full sort, labeled, uniN/popN), which is what makes the trailing rows the padding."""
     local = {key: struct[key][: len(struct[key]) - padded] for key in row_keys if key in struct}
-    everyone = [None] * dist.get_world_size()
+    world_size = dist.get_world_size()
+    everyone = [None] * world_size
     dist.all_gather_object(everyone, local)
+    if not local:
+        return struct
+    sample = torch.cat([torch.arange(len(next(iter(rows.values())))) * world_size + rank for rank, rows in enumerate(everyone)])
+    order = torch.argsort(sample)
     for key in local:
-        struct[key] = torch.cat([rows[key] for rows in everyone])
+        struct[key] = torch.cat([rows[key] for rows in everyone])[order]
     return struct
 
 
