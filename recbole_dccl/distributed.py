@@ -214,7 +214,8 @@ def gather_eval_rows(struct, row_keys, padded):
     dist.all_gather_object(everyone, local)
     if not local:
         return struct
-    sample = torch.cat([torch.arange(len(next(iter(rows.values())))) * world_size + rank for rank, rows in enumerate(everyone)])
+    lengths = [len(next(iter(rows.values()))) for rows in everyone]
+    sample = torch.cat([torch.arange(length) * world_size + rank for rank, length in enumerate(lengths)])
     order = torch.argsort(sample)
     for key in local:
         struct[key] = torch.cat([rows[key] for rows in everyone])[order]

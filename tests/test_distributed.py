@@ -6,13 +6,15 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import psutil
 import pytest
 import torch
 import yaml
+from torch.utils.data.distributed import DistributedSampler
 
-from recbole_dccl.distributed import launch
+from recbole_dccl.distributed import launch, padded_samples
 from tests.conftest import TINY_SETTINGS, write_dataset
 from tests.helpers import device_phase_metapatch
 
@@ -36,7 +38,8 @@ def run_to_the_end(commands, folder, timeout=TIMEOUT):
     is left; returns their exit codes and outputs."""
     logs = [open(os.path.join(folder, f"launcher{index}.log"), "w+") for index in range(len(commands))]
     launchers = [
-        subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT) for command, log in zip(commands, logs)
+        subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+        for command, log in zip(commands, logs)
     ]
     started, deadline = set(), time.monotonic() + timeout
     while any(launcher.poll() is None for launcher in launchers):
@@ -91,10 +94,20 @@ def assert_agrees_with_one_process(result, one):
                 assert final(result)[view][split][metric] == pytest.approx(value, abs=FINAL_TOLERANCE), (view, metric)
 
 
+@pytest.mark.parametrize("samples,world_size", [(5, 2), (7, 3), (2, 3), (6, 3)])
+def test_the_padding_is_what_follows_a_ranks_own_samples(samples, world_size):
+    for rank in range(world_size):
+        sampler = DistributedSampler(list(range(samples)), num_replicas=world_size, rank=rank, shuffle=False)
+        dealt = list(sampler)
+        kept = dealt[: len(dealt) - padded_samples(SimpleNamespace(sampler=sampler))]
+        assert kept == list(range(rank, samples, world_size))
+
+
 def test_device_phase_on_two_processes_gives_the_metapatches_of_one(tiny_config, tmp_path):
     settings = {**tiny_config, "gpu_id": ""}
     one = device_phase_metapatch(settings)
-    launch(device_phase_metapatch, {"config_dict": settings, "out_dir": str(tmp_path)}, nproc=2, ip="127.0.0.1", port=free_port())
+    kwargs = {"config_dict": settings, "out_dir": str(tmp_path)}
+    launch(device_phase_metapatch, kwargs, nproc=2, ip="127.0.0.1", port=free_port())
     assert bool(one.any())
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), one)  # every rank holds all users' metapatches

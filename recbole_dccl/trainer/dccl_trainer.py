@@ -11,7 +11,9 @@ from recbole.utils import dict2str, set_color
 
 from recbole_dccl.config import dccl_defaults
 from recbole_dccl.data import RoundSchedule
-from recbole_dccl.distributed import DistributedTrainerMixin, gather_user_rows, is_main_process, sum_over_ranks, user_share
+from recbole_dccl.distributed import (
+    DistributedTrainerMixin, gather_user_rows, is_main_process, sum_over_ranks, user_share,
+)
 from recbole_dccl.evaluation import UserGroupEvaluationMixin
 from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, plain, save_atomic
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
@@ -120,7 +122,8 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         start = time()
         settings = DeviceSettings(self.config)
         local = LocalData.from_rows(dataset, rows, settings.valid_size, self.device, share=user_share(self.config))
-        result = personalise(self.model, local, self.model.metapatch[local.users], settings, self.config["seed"] + round_idx)
+        start_metapatch = self.model.metapatch[local.users]
+        result = personalise(self.model, local, start_metapatch, settings, self.config["seed"] + round_idx)
         users, metapatch = gather_user_rows(self.config, local.users, result.metapatch, len(self.model.metapatch))
         self.model.metapatch[users] = metapatch
         self.model.uploaded_metapatch[users] = metapatch
