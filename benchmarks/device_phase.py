@@ -190,7 +190,8 @@ def scale_case(args, users, config, token2id):
     owners, owner = torch.unique(interaction["user_id"], return_inverse=True)
     settings = DeviceSettings(config)
     from_newest = torch.from_numpy(positions_from_newest(user[keep]))
-    return LocalData(interaction, owners, owner, from_newest < settings.valid_size), settings
+    rows = len(owner)
+    return LocalData(interaction, owners, owner, from_newest < settings.valid_size, torch.arange(rows), rows), settings
 
 
 def build_scale_model(args):

@@ -15,6 +15,7 @@ from recbole.config import Config
 from recbole.utils import ModelType
 
 from recbole_dccl.data import PROTOCOLS
+from recbole_dccl.distributed import init_process_group
 from recbole_dccl.utils import PROPERTIES_DIR, get_model
 
 FAMILY_YAML = {
@@ -65,6 +66,12 @@ class DCCLConfig(Config):
             self.model_class = model_class
         if self.backbone_class is not None:
             validate_dccl_settings(self.final_config_dict)
+
+    def _init_device(self):
+        if "local_rank" not in self.final_config_dict:
+            super()._init_device()
+        else:
+            init_process_group(self.final_config_dict)  # RecBole's, with gloo on CPU
 
     def _load_user_profiles(self):
         """DCCL's auxiliary encoder reads the ``.user`` profile file when the dataset has one."""

@@ -6,6 +6,10 @@ equal-size groups from the least to the most active users; a list of thresholds 
 group's metrics are RecBole's evaluator run on that group's rows alone, so they equal evaluating each group's
 users by themselves (tested). Works for full-sort ranking and labeled (CTR) evaluation, where rows are users or
 interactions; RecBole's sampled ranking modes (uniN, popN) score users per batch row and are not supported.
+
+In a distributed run each rank evaluates its share of the rows; the collector gathers all ranks' rows before
+RecBole's evaluator runs, so every metric (overall and per group) is the one-process metric, on every rank.
+RecBole's own merge (``_map_reduce``, a mean of the ranks' metrics weighted by their number of batches) is skipped.
 """
 
 import inspect
@@ -16,7 +20,11 @@ from recbole.evaluator import Collector
 from recbole.evaluator.base_metric import TopkMetric
 from recbole.evaluator.collector import DataStruct
 
+from recbole_dccl.distributed import gather_eval_rows, is_distributed, padded_samples
+
 USER_ROWS = "data.uid"
+# What the collector gathers per evaluated row (RecBole's per-evaluation keys, and the rows' users).
+ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", USER_ROWS)
 
 
 class UserGroups:
@@ -104,6 +112,7 @@ class UserGroupCollector(Collector):
         self.group_spec = config["user_groups"]
         self.groups = None
         self.last_struct = None
+        self.padded_rows = 0  # DistributedSampler padding at the end of this rank's rows
 
     def data_collect(self, train_data):
         super().data_collect(train_data)
@@ -124,6 +133,8 @@ class UserGroupCollector(Collector):
         struct = super().get_data_struct()
         if USER_ROWS in self.data_struct:
             del self.data_struct[USER_ROWS]
+        if is_distributed(self.config):
+            struct = gather_eval_rows(struct, ROW_KEYS, self.padded_rows)
         self.last_struct = struct
         return struct
 
@@ -139,9 +150,13 @@ class UserGroupEvaluationMixin:
         self.user_result = None
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        self.eval_collector.padded_rows = padded_samples(eval_data)
         result = super().evaluate(eval_data, load_best_model, model_file, show_progress)
         collector = self.eval_collector
         if collector.groups is not None and collector.last_struct is not None:
             self.group_result = collector.groups.evaluate(self.evaluator, collector.last_struct)
             self.user_result = per_user_metrics(self.evaluator, collector.last_struct)
         return result
+
+    def _map_reduce(self, result, num_sample):
+        return result  # the collector gathered every rank's rows: ``result`` is already over all of them

@@ -13,6 +13,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_dccl.config import DCCLConfig
+from recbole_dccl.distributed import is_main_process, launch
 from recbole_dccl.evaluation import group_table
 from recbole_dccl.trainer.checkpoint import write_atomic
 from recbole_dccl.utils import get_model, get_trainer
@@ -64,10 +65,19 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
         best_valid_result={k: float(v) for k, v in (best_valid_result or {}).items()},
         test_result={k: float(v) for k, v in test_result.items()},
     )
-    if config["result_file"]:
+    if config["result_file"] and is_main_process(config):
         write_result_file(config["result_file"], result)
         logger.info(set_color("results written to", "blue") + f": {config['result_file']}")
     return result
+
+
+def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, nproc=1, world_size=-1,
+        ip="localhost", port="5678", group_offset=0):
+    """RecBole's ``run``: :func:`run_recbole_dccl` in this process, under torchrun, or in ``nproc`` processes on
+    this machine, ranked from ``group_offset`` in a group of ``world_size`` that meets at ``ip:port``
+    (docs/distributed.md); returns rank 0's result."""
+    kwargs = dict(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict, saved=saved)
+    return launch(run_recbole_dccl, kwargs, nproc=nproc, world_size=world_size, ip=ip, port=port, group_offset=group_offset)
 
 
 def write_result_file(path, result):
@@ -79,12 +89,17 @@ def write_result_file(path, result):
 
 
 def parse_args(argv=None):
-    """RecBole's command line: ``--model``, ``--dataset``, ``--config_files``; every other ``--key=value`` is
-    read by RecBole's ``Config`` from ``sys.argv`` itself."""
+    """RecBole's command line: ``--model``, ``--dataset``, ``--config_files`` and the distributed flags of
+    RecBole's ``run_recbole.py``; every other ``--key=value`` is read by RecBole's ``Config`` from ``sys.argv``."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", "-m", type=str, default="DCCL", help="DCCL or any RecBole model")
     parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="name of a RecBole dataset")
     parser.add_argument("--config_files", type=str, default=None, help="space-separated YAML config files")
+    parser.add_argument("--nproc", type=int, default=1, help="processes to start on this machine")
+    parser.add_argument("--world_size", type=int, default=-1, help="processes on all machines (default: nproc)")
+    parser.add_argument("--ip", type=str, default="localhost", help="address of the machine running rank 0")
+    parser.add_argument("--port", type=str, default="5678", help="free port on that machine")
+    parser.add_argument("--group_offset", type=int, default=0, help="rank of this machine's first process")
     args, _ = parser.parse_known_args(argv)
     return args
 
@@ -92,7 +107,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None
-    run_recbole_dccl(model=args.model, dataset=args.dataset, config_file_list=config_file_list)
+    run(
+        model=args.model, dataset=args.dataset, config_file_list=config_file_list, nproc=args.nproc,
+        world_size=args.world_size, ip=args.ip, port=args.port, group_offset=args.group_offset,
+    )
     return 0
 
 

@@ -27,7 +27,8 @@ def get_model(model_name):
 def get_trainer(model_type, model_name):
     """Return the trainer class: ``DCCLTrainer`` for DCCL; for RecBole models their own trainer, with per-group
     metrics (:mod:`recbole_dccl.evaluation`) and checkpoints that ``torch.load(weights_only=True)`` reads
-    (:mod:`recbole_dccl.trainer.checkpoint`)."""
+    (:mod:`recbole_dccl.trainer.checkpoint`), on one process or several (:mod:`recbole_dccl.distributed`)."""
+    from recbole_dccl.distributed import DistributedTrainerMixin
     from recbole_dccl.evaluation import UserGroupEvaluationMixin
     from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin
 
@@ -36,4 +37,4 @@ def get_trainer(model_type, model_name):
     if trainer is not None:
         return trainer
     trainer = recbole_get_trainer(model_type, model_name)
-    return type(trainer.__name__, (UserGroupEvaluationMixin, SafeCheckpointMixin, trainer), {})
+    return type(trainer.__name__, (DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpointMixin, trainer), {})

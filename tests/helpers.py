@@ -1,11 +1,14 @@
 """Build config, data and model the way run_recbole_dccl does, for tests that need the pieces."""
 
 import logging
+import os
 
+import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_logger, init_seed
 
 from recbole_dccl.config import DCCLConfig
+from recbole_dccl.data import RoundSchedule
 from recbole_dccl.utils import get_model, get_trainer
 
 
@@ -20,3 +23,14 @@ def build(config_dict, model="DCCL", dataset="tiny"):
     net = get_model(config["model"])(config, train_data.dataset).to(config["device"])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
     return config, (train_data, valid_data, test_data), net, trainer
+
+
+def device_phase_metapatch(config_dict, out_dir=None):
+    """Build as :func:`build` does and run round 1's device phase; returns the uploaded metapatch table, or on a
+    distributed rank saves it to ``out_dir/rank<r>.pt`` (a spawned process cannot hand a tensor back)."""
+    config, (train_data, _, _), model, trainer = build(config_dict)
+    trainer.verbose = False
+    trainer._device_phase(1, train_data.dataset, RoundSchedule(config, train_data).device_rows(1))
+    if out_dir is None:
+        return model.uploaded_metapatch.cpu()
+    torch.save(model.uploaded_metapatch.cpu(), os.path.join(out_dir, f"rank{torch.distributed.get_rank()}.pt"))

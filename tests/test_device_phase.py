@@ -93,3 +93,21 @@ def test_device_phase_leaves_shared_parameters_alone(tiny_config):
     personalise(model, local, torch.zeros(len(local.users), model.metapatch.shape[1]), settings, seed=1)
     assert all(torch.equal(value, model.state_dict()[name]) for name, value in state.items())
     assert all(param.requires_grad for param in model.parameters())
+
+
+def test_a_share_of_the_users_trains_as_it_does_among_all(tiny_config):
+    """What each rank of a distributed run does: its share of the users gets the metapatches one process gives them."""
+    config, (train_data, _, _), model, _ = build(tiny_config)
+    rows = RoundSchedule(config, train_data).device_rows(1)
+    settings = DeviceSettings(config)
+    everyone = LocalData.from_rows(train_data.dataset, rows, settings.valid_size, config["device"])
+    start = torch.zeros(len(everyone.users), model.metapatch.shape[1])
+    together = personalise(model, everyone, start, settings, seed=3)
+    shares = [LocalData.from_rows(train_data.dataset, rows, settings.valid_size, config["device"], share=(index, 3))
+              for index in range(3)]
+    assert torch.equal(torch.sort(torch.cat([share.users for share in shares])).values, everyone.users)
+    for share in shares:
+        alone = personalise(model, share, start[: len(share.users)], settings, seed=3)
+        position = torch.searchsorted(everyone.users, share.users)
+        assert torch.equal(alone.metapatch, together.metapatch[position])
+        assert torch.equal(alone.adopted, together.adopted[position])

@@ -12,6 +12,8 @@ import os
 import torch
 from recbole.utils import set_color
 
+from recbole_dccl.distributed import is_main_process
+
 
 def plain(value):
     """``value`` as bools, numbers, strings, lists and dicts only."""
@@ -43,7 +45,7 @@ class SafeCheckpointMixin:
     """Put before a RecBole trainer class: same checkpoint keys, config stored as plain values."""
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+        if not is_main_process(self.config):  # RecBole's rule (local rank 0) would write once per machine
             return
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
         state = {

@@ -11,13 +11,16 @@ from recbole.utils import dict2str, set_color
 
 from recbole_dccl.config import dccl_defaults
 from recbole_dccl.data import RoundSchedule
+from recbole_dccl.distributed import (
+    DistributedTrainerMixin, gather_user_rows, is_main_process, sum_over_ranks, user_share,
+)
 from recbole_dccl.evaluation import UserGroupEvaluationMixin
 from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, plain, save_atomic
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
 
 
-class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
+class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.optimizer = self._build_optimizer(params=self.model.backbone.parameters())
@@ -79,7 +82,7 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
             self._load_cloud(path)
             return
         self._train_cloud(schedule, train_data, verbose, show_progress, callback_fn)
-        if path:
+        if path and is_main_process(self.config):
             state = {key: value for key, value in self.model.state_dict().items() if key.startswith("backbone.")}
             identity = {key: plain(self.config[key]) for key in self.CLOUD_KEYS}
             save_atomic({"identity": identity, "state_dict": state}, path)
@@ -118,16 +121,18 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
     def _device_phase(self, round_idx, dataset, rows):
         start = time()
         settings = DeviceSettings(self.config)
-        local = LocalData.from_rows(dataset, rows, settings.valid_size, self.device)
-        users = local.users
-        result = personalise(self.model, local, self.model.metapatch[users], settings, self.config["seed"] + round_idx)
-        self.model.metapatch[users] = result.metapatch
-        self.model.uploaded_metapatch[users] = result.metapatch
+        local = LocalData.from_rows(dataset, rows, settings.valid_size, self.device, share=user_share(self.config))
+        start_metapatch = self.model.metapatch[local.users]
+        result = personalise(self.model, local, start_metapatch, settings, self.config["seed"] + round_idx)
+        users, metapatch = gather_user_rows(self.config, local.users, result.metapatch, len(self.model.metapatch))
+        self.model.metapatch[users] = metapatch
+        self.model.uploaded_metapatch[users] = metapatch
+        adopted = sum_over_ranks(self.config, int(result.adopted.sum()))
         seconds = time() - start
         self.phase_seconds[f"round {round_idx} device"] = seconds
         self._log(
             f"round {round_idx} device phase [time: {seconds:.2f}s, devices: {len(users)}, rows: {len(rows)}, "
-            f"adopted their patch: {int(result.adopted.sum())}]"
+            f"adopted their patch: {int(adopted)}]"
         )
 
     def _momodistill(self, round_idx, loader, teachers):

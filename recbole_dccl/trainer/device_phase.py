@@ -11,17 +11,27 @@ sums the per-device mean losses (device m's metapatch only touches its own rows,
 each device's own gradient) and applies Adam with per-device moments and step counts. :func:`personalise_one_by_one`
 is the plain reference: one device at a time, one ``torch.optim.Adam`` each, the same minibatches. Tests and
 benchmarks check that the two agree.
+
+In a distributed run each rank holds a share of the devices (``LocalData.from_rows(share=...)``); random orders are
+drawn for all of the round's rows, so every device trains exactly as it does in one process.
 """
 
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from recbole.data.interaction import Interaction
 
 from recbole_dccl.data import positions_from_newest
 from recbole_dccl.trainer.progress import progress
 from recbole_dccl.trainer.site_cache import SiteCache, replaying
+
+
+def take(interaction, rows):
+    """The ``rows`` (a tensor) of ``interaction``; RecBole's ``interaction[rows]`` turns them into a Python list."""
+    return Interaction({field: values[rows] for field, values in interaction.interaction.items()})
 
 
 @dataclass
@@ -33,22 +43,35 @@ class LocalData:
     users: torch.Tensor
     owner: torch.Tensor
     is_valid: torch.Tensor
+    key_index: torch.Tensor  # each row's place among all the round's rows (on all ranks)
+    n_keys: int  # the round's rows on all ranks
     cached: dict = field(default_factory=dict)
 
     @classmethod
-    def from_rows(cls, dataset, rows, valid_size, device):
-        interaction = dataset[torch.as_tensor(rows)].to(device)
-        user_ids = interaction[dataset.uid_field]
-        users, owner = torch.unique(user_ids, return_inverse=True)
-        from_newest = torch.from_numpy(positions_from_newest(user_ids.cpu().numpy())).to(device)
-        return cls(interaction, users, owner, from_newest < valid_size)
+    def from_rows(cls, dataset, rows, valid_size, device, share=(0, 1)):
+        """The devices of ``rows`` (indices into ``dataset``); with ``share=(index, parts)`` only the users at
+        positions ``index, index + parts, ...`` of the round's users, the ones a rank of ``parts`` holds."""
+        rows = np.asarray(rows)
+        user_ids = dataset.inter_feat[dataset.uid_field].numpy()[rows]
+        is_valid = positions_from_newest(user_ids) < valid_size
+        index, parts = share
+        mine = np.isin(user_ids, np.unique(user_ids)[index::parts])
+        interaction = dataset[torch.as_tensor(rows[mine])].to(device)
+        users, owner = torch.unique(interaction[dataset.uid_field], return_inverse=True)
+        as_tensor = lambda array: torch.from_numpy(array).to(device)
+        return cls(interaction, users, owner, as_tensor(is_valid[mine]), as_tensor(np.flatnonzero(mine)), len(rows))
+
+    def shuffle_keys(self, epochs, seed):
+        """``[epochs, rows]`` random keys of these rows, drawn for all the round's rows: a device's order does not
+        depend on which rank holds it."""
+        return shuffle_keys(self.n_keys, epochs, seed)[:, self.key_index.cpu()].to(self.owner.device)
 
     def subset(self, devices):
         """The local data of ``devices`` (indices into ``users``), renumbered in that order, and its rows here."""
         renumber = torch.full((len(self.users),), -1, dtype=torch.long, device=self.owner.device)
         renumber[devices] = torch.arange(len(devices), device=self.owner.device)
         rows = torch.nonzero(renumber[self.owner] >= 0).squeeze(1)
-        part = LocalData(self.interaction[rows], self.users[devices], renumber[self.owner[rows]], self.is_valid[rows])
+        part = LocalData(take(self.interaction, rows), self.users[devices], renumber[self.owner[rows]], self.is_valid[rows])
         return part, rows
 
 
@@ -95,7 +118,7 @@ def frozen(model):
 
 def row_losses(model, local, rows, metapatch):
     """Per-row data loss of ``rows`` under their devices' rows of ``metapatch`` (``[devices, k]``)."""
-    interaction = local.interaction[rows]
+    interaction = take(local.interaction, rows)
     with replaying(model, {site: outputs[rows] for site, outputs in local.cached.items()}):
         logits = model(interaction, metapatch[local.owner[rows]])
     return model.objective.loss(logits, interaction)
@@ -214,7 +237,7 @@ def personalise(model, local, start, settings, seed):
     The devices train group by group, each group's rows sized so that its cached site outputs fit in
     ``device_cache_mb``; a device's training depends on its own rows only, so grouping never changes a result."""
     with frozen(model):
-        keys = shuffle_keys(len(local.owner), settings.epochs, seed).to(local.owner.device)
+        keys = local.shuffle_keys(settings.epochs, seed)
         cache, why_not = SiteCache.probe(model, local.interaction) if settings.cache_bytes else (None, "device_cache_mb=0")
         if cache is None:
             logging.getLogger().info(f"device phase: no site-output cache ({why_not}); the model runs every step")
@@ -269,7 +292,7 @@ def personalise_one_by_one(model, local, start, settings, seed, devices=None):
     whole model run for every minibatch. ``devices``: only these (indices into ``local.users``; default all), for
     benchmarks that time a sample; the result has their rows in that order."""
     with frozen(model):
-        keys = shuffle_keys(len(local.owner), settings.epochs, seed).to(local.owner.device)
+        keys = local.shuffle_keys(settings.epochs, seed)
         devices = range(len(local.users)) if devices is None else [int(device) for device in devices]
         kept = torch.zeros(len(devices), start.shape[1], device=start.device)
         cloud_losses, kept_losses = [], []
@@ -281,7 +304,7 @@ def personalise_one_by_one(model, local, start, settings, seed, devices=None):
             def valid_loss(metapatch_row):
                 if len(own_valid) == 0:
                     return torch.tensor(float("nan"))
-                interaction = local.interaction[own_valid]
+                interaction = take(local.interaction, own_valid)
                 logits = model(interaction, metapatch_row.expand(len(own_valid), -1))
                 return model.objective.loss(logits, interaction).mean()
 
@@ -291,7 +314,7 @@ def personalise_one_by_one(model, local, start, settings, seed, devices=None):
             for epoch_keys in keys:
                 shuffled = own_rows[torch.argsort(epoch_keys[own_rows])]
                 for batch in chunks(shuffled, settings.batch_size):
-                    interaction = local.interaction[batch]
+                    interaction = take(local.interaction, batch)
                     logits = model(interaction, param.expand(len(batch), -1))
                     loss = model.objective.loss(logits, interaction).mean()
                     if settings.l2:

@@ -5,12 +5,14 @@ Step 1 (model-over-models) updates W_f on the devices' data with
 incremental training, the model-over-data baseline. Step 2 then keeps the new W_f fixed and learns Theta and the
 auxiliary encoder g so that the proxy device model (new W_f, patch from ``g(user)``) matches the device model.
 The teachers are the model as the device phase left it, frozen: its state is copied once and run through
-``torch.func.functional_call``.
+``torch.func.functional_call``. In a distributed run each rank takes its share of every batch and DDP averages the
+gradients of what the step trains (W_f in step 1, Theta and g in step 2).
 """
 
 import torch
 from torch.func import functional_call
 
+from recbole_dccl.distributed import advance_epoch, data_parallel
 from recbole_dccl.trainer.device_phase import frozen
 from recbole_dccl.trainer.progress import progress
 
@@ -35,6 +37,7 @@ class DeviceTeachers:
 
 def _run_epoch(model, loader, optimizer, loss_fn, config, description):
     total, device, clip_grad_norm = 0.0, config["device"], config["clip_grad_norm"]
+    advance_epoch(loader)
     for interaction in progress(loader, description, config["show_progress"], total=len(loader)):
         interaction = interaction.to(device)
         loss = loss_fn(interaction)
@@ -53,14 +56,16 @@ def distill_cloud_epoch(model, loader, optimizer, teachers, weight, config):
     objective = model.objective
 
     def loss_fn(interaction):
-        logits = model(interaction)
+        logits = cloud(interaction)
         loss = objective.loss(logits, interaction).mean()
         if weight:
             loss = loss + weight * objective.distill(logits, teachers.logits(interaction), temperature).mean()
         return loss
 
     model.train()
-    return _run_epoch(model, loader, optimizer, loss_fn, config, "MoMoDistill")
+    with frozen(model.patches), frozen(model.encoder):  # not in step 1's graph; DDP syncs W_f alone
+        cloud = data_parallel(model, config)
+        return _run_epoch(model, loader, optimizer, loss_fn, config, "MoMoDistill")
 
 
 def shared_parameters_epoch(model, loader, optimizer, teachers, config):
@@ -70,11 +75,12 @@ def shared_parameters_epoch(model, loader, optimizer, teachers, config):
 
     def loss_fn(interaction):
         metapatch = model.encode_metapatch(interaction[model.USER_ID])
-        logits = model(interaction, metapatch)
+        logits = proxy(interaction, metapatch)
         loss = objective.distill(logits, teachers.logits(interaction), temperature).mean()
         if ce_weight:
             loss = loss + ce_weight * objective.loss(logits, interaction).mean()
         return loss
 
     with frozen(model.backbone):
+        proxy = data_parallel(model, config)
         return _run_epoch(model, loader, optimizer, loss_fn, config, "Shared")
