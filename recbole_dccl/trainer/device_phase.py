@@ -71,7 +71,10 @@ class LocalData:
         renumber = torch.full((len(self.users),), -1, dtype=torch.long, device=self.owner.device)
         renumber[devices] = torch.arange(len(devices), device=self.owner.device)
         rows = torch.nonzero(renumber[self.owner] >= 0).squeeze(1)
-        part = LocalData(take(self.interaction, rows), self.users[devices], renumber[self.owner[rows]], self.is_valid[rows])
+        part = LocalData(
+            take(self.interaction, rows), self.users[devices], renumber[self.owner[rows]], self.is_valid[rows],
+            self.key_index[rows], self.n_keys,
+        )
         return part, rows
 
 
