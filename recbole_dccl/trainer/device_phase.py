@@ -18,10 +18,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from recbole.data.interaction import Interaction
 
 from recbole_dccl.data import positions_from_newest
 from recbole_dccl.trainer.progress import progress
 from recbole_dccl.trainer.site_cache import SiteCache, replaying
+
+
+def take(interaction, rows):
+    """The ``rows`` (a tensor) of ``interaction``; RecBole's ``interaction[rows]`` turns them into a Python list."""
+    return Interaction({field: values[rows] for field, values in interaction.interaction.items()})
 
 
 @dataclass
@@ -48,7 +54,7 @@ class LocalData:
         renumber = torch.full((len(self.users),), -1, dtype=torch.long, device=self.owner.device)
         renumber[devices] = torch.arange(len(devices), device=self.owner.device)
         rows = torch.nonzero(renumber[self.owner] >= 0).squeeze(1)
-        part = LocalData(self.interaction[rows], self.users[devices], renumber[self.owner[rows]], self.is_valid[rows])
+        part = LocalData(take(self.interaction, rows), self.users[devices], renumber[self.owner[rows]], self.is_valid[rows])
         return part, rows
 
 
@@ -95,7 +101,7 @@ def frozen(model):
 
 def row_losses(model, local, rows, metapatch):
     """Per-row data loss of ``rows`` under their devices' rows of ``metapatch`` (``[devices, k]``)."""
-    interaction = local.interaction[rows]
+    interaction = take(local.interaction, rows)
     with replaying(model, {site: outputs[rows] for site, outputs in local.cached.items()}):
         logits = model(interaction, metapatch[local.owner[rows]])
     return model.objective.loss(logits, interaction)
@@ -281,7 +287,7 @@ def personalise_one_by_one(model, local, start, settings, seed, devices=None):
             def valid_loss(metapatch_row):
                 if len(own_valid) == 0:
                     return torch.tensor(float("nan"))
-                interaction = local.interaction[own_valid]
+                interaction = take(local.interaction, own_valid)
                 logits = model(interaction, metapatch_row.expand(len(own_valid), -1))
                 return model.objective.loss(logits, interaction).mean()
 
@@ -291,7 +297,7 @@ def personalise_one_by_one(model, local, start, settings, seed, devices=None):
             for epoch_keys in keys:
                 shuffled = own_rows[torch.argsort(epoch_keys[own_rows])]
                 for batch in chunks(shuffled, settings.batch_size):
-                    interaction = local.interaction[batch]
+                    interaction = take(local.interaction, batch)
                     logits = model(interaction, param.expand(len(batch), -1))
                     loss = model.objective.loss(logits, interaction).mean()
                     if settings.l2:
