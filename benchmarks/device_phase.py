@@ -7,9 +7,11 @@
 For each case: the batched device phase (``personalise``) on every device, the reference loop
 (``personalise_one_by_one``) on a random sample of ``--loop_users`` devices, its time extrapolated to all devices
 (the mean time per device times the number of devices; ``loop_extrapolated`` says so), and the largest difference
-between the two on the sampled devices. ``device_phase_gflop`` counts the matmuls of the per-epoch math (patch and
-item scoring, forward and the backward the metapatch needs; the one frozen forward pass that fills the site cache
-is timed but not counted), ``peak_gflops`` is a large fp32 matmul timed in the same run. For RecBole datasets,
+between the two on the sampled devices. ``device_phase_gflop`` is the work the device phase needs: the one frozen
+forward pass per round that fills the site cache (``site_cache_gflop``, counted by torch's ``FlopCounterMode`` on a
+few rows and scaled to all) plus the per-epoch math (``per_epoch_gflop``, counted analytically: the patch and the
+item scoring, forward and the backward the metapatch needs, and the local validation passes);
+``peak_gflops`` is a large fp32 matmul timed in the same run. For RecBole datasets,
 ``plain_epoch_s`` is one plain training epoch of the backbone over the dataset's whole training set (its own
 ``calculate_loss``, the trainer's optimizer, as RecBole trains it), timed on ``--plain_batches`` batches and
 extrapolated by the number of batches (``plain_epoch_extrapolated``); ``batched_over_plain_epoch`` compares the
@@ -31,6 +33,7 @@ from time import perf_counter
 import numpy as np
 import torch
 from recbole.data.interaction import Interaction
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -40,9 +43,11 @@ from recbole_dccl.data import RoundSchedule, positions_from_newest  # noqa: E402
 from recbole_dccl.trainer.device_phase import (  # noqa: E402
     DeviceSettings,
     LocalData,
+    frozen,
     personalise,
     personalise_one_by_one,
 )
+from recbole_dccl.trainer.site_cache import SiteCache  # noqa: E402
 from tests.helpers import build  # noqa: E402
 
 SYNTHETIC = {"synthetic-ml-1m": dict(users=6040, total=1_000_000, items=3706, min_per_user=20)}
@@ -64,7 +69,7 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def device_phase_gflop(model, local, settings):
+def per_epoch_gflop(model, local, settings):
     """Matmul work of the device phase's per-epoch math: every training row visit runs the patch and the item
     scores forward and their input gradients backward; every local validation pass runs them forward."""
     patch = next(iter(model.patches.values()))
@@ -77,6 +82,18 @@ def device_phase_gflop(model, local, settings):
     train_rows = len(local.owner) - valid_rows
     passes = (2 + settings.epochs if settings.select == "best" else 2) if settings.valid_size else 0
     return (train_rows * settings.epochs * (forward + backward) + valid_rows * passes * forward) / 1e9
+
+
+def site_cache_gflop(model, local, settings, sample_rows=256):
+    """Work of the frozen forward pass that fills the site cache, from ``sample_rows`` rows; 0 without a cache."""
+    with frozen(model):
+        cache, _ = SiteCache.probe(model, local.interaction)
+        if cache is None or not settings.cache_bytes:
+            return 0.0
+        sample = local.interaction[:sample_rows]
+        with FlopCounterMode(display=False) as counter:
+            cache.outputs(model, sample, settings.chunk_size)
+    return counter.get_total_flops() / len(sample) * len(local.owner) / 1e9
 
 
 def measure(name, model, local, settings, loop_users, seed=2020):
@@ -94,7 +111,8 @@ def measure(name, model, local, settings, loop_users, seed=2020):
     loop = personalise_one_by_one(model, local, start, settings, seed, devices=sample)
     loop_sample_s = perf_counter() - began
     loop_s = loop_sample_s / len(sample) * devices
-    gflop = device_phase_gflop(model, local, settings)
+    epoch_gflop, cache_gflop = per_epoch_gflop(model, local, settings), site_cache_gflop(model, local, settings)
+    gflop = epoch_gflop + cache_gflop
     return {
         "case": name,
         "users": devices,
@@ -112,6 +130,8 @@ def measure(name, model, local, settings, loop_users, seed=2020):
         "rss_before_mb": rss_before,
         "users_per_s": devices / batched_s,
         "device_phase_gflop": gflop,
+        "per_epoch_gflop": epoch_gflop,
+        "site_cache_gflop": cache_gflop,
         "achieved_gflops": gflop / batched_s,
         "peak_gflops": peak,
         "fraction_of_peak": gflop / batched_s / peak,

@@ -74,6 +74,26 @@ def test_a_site_that_runs_twice_per_forward_pass_is_not_cached():
     assert cache is None and why_not == "the lowest patch site [layer] runs 2 times per forward pass"
 
 
+def test_the_cache_pass_computes_nothing_above_the_site():
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.above = torch.nn.Linear(3, 3), 0
+            self.context = PatchContext()
+            wrap_site("layer", self.layer, lambda output, metapatch: output, self.context)
+
+        def forward(self, rows):
+            output = self.layer(rows)
+            self.above += 1
+            return 2 * output
+
+    model, rows = Counting(), torch.randn(10, 3)
+    cache, _ = SiteCache.probe(model, rows)
+    model.above = 0
+    outputs = cache.outputs(model, rows, chunk_size=4)["layer"]
+    assert model.above == 0 and torch.allclose(outputs, model.layer(rows))
+
+
 def test_a_device_learns_from_its_own_data_only(tiny_config):
     _, model, local, settings = local_setup({**tiny_config, "device_valid_size": 0})
     start = torch.zeros(len(local.users), model.metapatch.shape[1])

@@ -20,6 +20,11 @@ def test_fresh_device_model_equals_cloud_model(tiny_config, backbone, device_met
     assert torch.equal(model.full_sort_predict(batch), cloud)
 
 
+def test_recbole_leaves_autograd_anomaly_detection_off(tiny_config):
+    build({**tiny_config, "backbone": "SASRec"})  # RecBole's SINE module, imported with every sequential model, turns it on
+    assert not torch.is_anomaly_enabled()
+
+
 def test_device_view_uses_each_users_metapatch(tiny_config):
     config, (_, _, test_data), model, _ = build(tiny_config)
     model.eval()

@@ -88,14 +88,20 @@ class UserPatch(ResidualBottleneck):
         return self.base_down + down.view(-1, self.dim, self.rank), up.view(-1, self.rank, self.dim)
 
 
+class SiteReached(Exception):
+    """Ends a forward pass at the first captured site when ``PatchContext.stop_at_capture`` is set."""
+
+
 class PatchContext:
     """The metapatch rows of the batch being computed (``None`` runs the cloud model untouched); ``capture``: a
-    list that receives ``(site name, unpatched output)`` as each site returns; ``replay``: site name -> the
-    unpatched output to use instead of running that site."""
+    list that receives ``(site name, unpatched output)`` as each site returns (with ``stop_at_capture``, the first
+    one ends the forward pass: :class:`SiteReached`); ``replay``: site name -> the unpatched output to use instead
+    of running that site."""
 
     def __init__(self):
         self.metapatch = None
         self.capture = None
+        self.stop_at_capture = False
         self.replay = {}
 
 
@@ -122,6 +128,8 @@ def wrap_site(name, module, patch_for_output, context):
         output = context.replay[name] if name in context.replay else original(*args, **kwargs)
         if context.capture is not None:
             context.capture.append((name, output))
+            if context.stop_at_capture:
+                raise SiteReached
         if context.metapatch is None:
             return output
         return patch_for_output(output, context.metapatch)

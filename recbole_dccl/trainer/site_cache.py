@@ -14,15 +14,20 @@ from contextlib import contextmanager
 
 import torch
 
+from recbole_dccl.model.metapatch import SiteReached
+
 
 @contextmanager
-def capturing(model):
-    """Collect ``(site name, unpatched output)`` of every site as it returns, in order."""
-    model.context.capture = []
+def capturing(model, stop=False):
+    """Collect ``(site name, unpatched output)`` of every site as it returns, in order; with ``stop``, only the
+    first, and the forward pass ends there (nothing above the site is computed)."""
+    model.context.capture, model.context.stop_at_capture = [], stop
     try:
         yield model.context.capture
+    except SiteReached:
+        pass
     finally:
-        model.context.capture = None
+        model.context.capture, model.context.stop_at_capture = None, False
 
 
 @contextmanager
@@ -53,7 +58,7 @@ class SiteCache:
         outputs = []
         for size in (rows, rows - 1):
             with capturing(model) as captured:
-                model(interaction[torch.arange(size)])
+                model(interaction[:size])
             outputs.append(captured)
         site, output = outputs[0][0]
         calls = sum(name == site for name, _ in outputs[0])
@@ -66,11 +71,11 @@ class SiteCache:
 
     @torch.no_grad()
     def outputs(self, model, interaction, chunk_size):
-        """The site's unpatched output for every row of ``interaction``, computed ``chunk_size`` rows at a time."""
+        """The site's unpatched output for every row of ``interaction``, computed ``chunk_size`` rows at a time
+        (the model stops at the site)."""
         parts = []
         for start in range(0, len(interaction), chunk_size):
-            chunk = interaction[torch.arange(start, min(start + chunk_size, len(interaction)))]
-            with capturing(model) as captured:
-                model(chunk)
+            with capturing(model, stop=True) as captured:
+                model(interaction[start : start + chunk_size])
             parts.append(captured[0][1])
         return {self.site: torch.cat(parts)}
