@@ -85,7 +85,34 @@ def summarise(args, variants, seeds):
             summary["rows"][name]["tail_test_gain_vs_cloud_only"] = {
                 metric: mean_std([t[metric] / least_active(b)[metric] - 1 for t, b in zip(tail, base)]) for metric in METRICS
             }
+    summary["cold_start"] = cold_start_rows(cells, variants, seeds)
     return summary
+
+
+COLD_STARTS = ("cloud_only", "zero", "zero_finetuned", "encoder", "encoder_finetuned")
+
+
+def cold_start_rows(cells, variants, seeds):
+    """The cold users' metrics from each starting point (runs with ``cold_start_ratio``), and the per-seed gain
+    against the same seed's cloud-only model on them."""
+    rows = {}
+    for variant in variants:
+        reports = [cells[variant, seed].get("cold_start") for seed in seeds]
+        if not all(reports):
+            continue
+        for start in COLD_STARTS:
+            results = [report[start] for report in reports]
+            base = [report["cloud_only"] for report in reports]
+            rows[f"{variant} {start}"] = {
+                "users": reports[0]["users"],
+                **{split: {metric: mean_std([r[split][metric] for r in results]) for metric in METRICS} for split in ("valid", "test")},
+                "test_gain_vs_cloud_only": {
+                    metric: mean_std([r["test"][metric] / b["test"][metric] - 1 for r, b in zip(results, base)]) for metric in METRICS
+                },
+            }
+            if "adopted" in results[0]:
+                rows[f"{variant} {start}"]["adopted"] = [r["adopted"] for r in results]
+    return rows
 
 
 def least_active(result):
@@ -118,6 +145,16 @@ def markdown(summary):
             lines.append(
                 f"| {name} | {fmt(row['tail_test']['ndcg@10'])} | {fmt(row['tail_test']['hit@10'])} "
                 f"| {pct(gain['ndcg@10'])} | {pct(gain['hit@10'])} |"
+            )
+    if summary["cold_start"]:
+        lines += ["", "Cold-start users (the `cold` group, held out of all cloud training):", "",
+                  "| model | users | valid NDCG@10 | test NDCG@10 | test Hit@10 | test NDCG@10 gain | test Hit@10 gain |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, row in summary["cold_start"].items():
+            gain = row["test_gain_vs_cloud_only"]
+            lines.append(
+                f"| {name} | {row['users']} | {fmt(row['valid']['ndcg@10'])} | {fmt(row['test']['ndcg@10'])} "
+                f"| {fmt(row['test']['hit@10'])} | {pct(gain['ndcg@10'])} | {pct(gain['hit@10'])} |"
             )
     return "\n".join(lines) + "\n"
 

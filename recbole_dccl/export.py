@@ -106,7 +106,9 @@ def export_device_model(model, interaction, path):
     """Write the shared device model as a ``torch.export`` program (batch size dynamic); returns its input names."""
     fields = backbone_fields(model, interaction)
     device_model = DeviceModel(model, fields).eval()
-    inputs = (model.metapatch[interaction[model.USER_ID]], *(interaction[field] for field in fields))
+    # Placeholder values of the right shapes and types: the program stores its example inputs, and those must
+    # not be some users' data. Two rows, so the batch size stays symbolic.
+    inputs = (torch.zeros(2, model.metapatch.shape[1]), *(torch.ones_like(interaction[field][:2]) for field in fields))
     batch = torch.export.Dim("batch", min=1)
     dynamic_shapes = ({0: batch}, tuple({0: batch} for _ in fields))  # (metapatch, inputs)
     program = torch.export.export(device_model, inputs, dynamic_shapes=dynamic_shapes)

@@ -16,6 +16,8 @@ def test_exported_device_model_reproduces_device_scores(tiny_config, tmp_path):
 
     program = torch.export.load(os.path.join(out, "device_model.pt2"))
     assert not any(name.startswith(("encoder", "metapatch", "uploaded")) for name in program.state_dict)  # W_f and Theta only
+    example_args, _ = program.example_inputs
+    assert not example_args[0].any()  # the stored example is a placeholder, not some users' metapatches
     device_model = program.module()
     batch, _, _, _ = next(iter(test_data))
     users = batch["user_id"]
