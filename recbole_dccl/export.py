@@ -45,6 +45,8 @@ DERIVED_KEYS = (
 
 def load_dccl(checkpoint_path):
     """``(config, train_data, test_data, model)`` rebuilt on the CPU from a DCCL checkpoint of :mod:`trainer.checkpoint`."""
+    if not os.path.isfile(checkpoint_path):
+        raise ValueError(f"checkpoint: [{checkpoint_path}] is not a file; give a DCCL checkpoint from saved/.")
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     stored = checkpoint.get("config", {})
     if stored.get("model") != "DCCL":
@@ -53,7 +55,7 @@ def load_dccl(checkpoint_path):
     # RecBole stores data_path joined with the dataset name.
     if os.path.basename(os.path.normpath(settings["data_path"])) == stored["dataset"]:
         settings["data_path"] = os.path.dirname(os.path.normpath(settings["data_path"]))
-    settings.update(use_gpu=False, show_progress=False)
+    settings.update(use_gpu=False, show_progress=False, result_file=None, cloud_checkpoint=None)  # nothing is trained
     config = DCCLConfig(model="DCCL", dataset=stored["dataset"], config_dict=settings)
     init_seed(config["seed"], config["reproducibility"])
     train_data, _, test_data = data_preparation(config, create_dataset(config))
