@@ -1,12 +1,16 @@
-"""Quality benchmark: the plain backbone (cloud only) against DCCL variants, over several seeds.
+"""Quality benchmark: the plain backbone (cloud only) against DCCL and its ablations, over several seeds.
 
-    python benchmarks/quality.py --dataset=ml-100k --backbone=GRU4Rec --seeds=3 --out=results/q
-    python benchmarks/quality.py ... --variant=fast:device_learning_rate=0.1,device_epochs=10 --jobs=4
+    python benchmarks/quality.py --dataset=ml-100k --backbone=SASRec --seeds=3 --out=results/q
+    python benchmarks/quality.py ... --variants=dccl,data,patch --variant=fast:device_epochs=5,device_learning_rate=0.3
 
-Each (variant, seed) cell is one ``run_recbole_dccl.py`` run writing its own result file; finished cells are
-not run again, so an interrupted benchmark resumes. All variants of a seed share one round-0 cloud model
-(``cloud_checkpoint``), so their differences are the devices' and MoMoDistill's alone. Extra ``--key=value``
-arguments go to every run. Writes ``summary.json`` and ``summary.md`` (mean and std over seeds) to ``--out``.
+Each (variant, seed) cell is one ``run_recbole_dccl.py`` run writing its own result file; finished cells are not
+run again, so an interrupted benchmark resumes. All variants of a seed share one round-0 cloud model
+(``cloud_checkpoint``): their differences are the devices' and the cloud update's alone, and every variant is
+compared with the cloud-only model of its own seed user by user. Extra ``--key=value`` arguments go to every run.
+
+Writes to ``--out``: ``summary.json``, ``summary.md`` (mean ± std over seeds, overall and per user group, and the
+paired per-user gain over cloud-only with a 95% bootstrap confidence interval), ``groups.png`` (per-group test
+NDCG@10) and ``rounds.png`` (test NDCG@10 of both views after every phase).
 """
 
 import argparse
@@ -15,26 +19,29 @@ import os
 import statistics
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
-    "dccl": {},
-    "data": {"distill_weight": 0, "device_epochs": 0, "shared_epochs": 0},  # model-over-data: no devices
+    "dccl": {},  # metapatch devices + MoMoDistill
+    "data": {"device_method": "none", "cloud_method": "data"},  # model-over-data: incremental training, no devices
+    "patch": {"device_method": "patch"},  # a full per-user patch instead of a metapatch
+    "selfdistill": {"device_method": "none"},  # MoMoDistill's loss with the cloud model as every device's teacher
 }
 METRICS = ("ndcg@10", "hit@10")
+BOOTSTRAP_SAMPLES = 2000
 
 
 def parse_variant(text):
     name, _, settings = text.partition(":")
-    overrides = dict(item.split("=", 1) for item in settings.split(",") if item)
-    return name, overrides
+    return name, dict(item.split("=", 1) for item in settings.split(",") if item)
 
 
 def run_cell(args, passthrough, variant, overrides, seed):
     cell = os.path.join(args.out, "cells", f"{variant}-seed{seed}.json")
     if os.path.isfile(cell):
-        return cell
+        return
     settings = {
         "model": "DCCL", "dataset": args.dataset, "backbone": args.backbone, "protocol": args.protocol,
         "seed": seed, "result_file": cell, "show_progress": False,
@@ -45,48 +52,102 @@ def run_cell(args, passthrough, variant, overrides, seed):
     command = [sys.executable, os.path.join(ROOT, "run_recbole_dccl.py")]
     command += [f"--{key}={value}" for key, value in settings.items()] + passthrough
     log = os.path.join(args.out, "logs", f"{variant}-seed{seed}.log")
+    print(f"running {variant} seed {seed} (log: {log})", flush=True)
     with open(log, "w") as file:
         code = subprocess.call(command, stdout=file, stderr=subprocess.STDOUT, cwd=args.out)
     if code != 0:
         raise RuntimeError(f"{variant} seed {seed} failed (exit {code}); see {log}")
-    return cell
 
 
-def mean_std(values):
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-
-
-def summarise(args, variants, seeds):
+def load_cells(out, variants, seeds):
     cells = {}
     for variant in variants:
         for seed in seeds:
-            with open(os.path.join(args.out, "cells", f"{variant}-seed{seed}.json")) as file:
+            with open(os.path.join(out, "cells", f"{variant}-seed{seed}.json")) as file:
                 cells[variant, seed] = json.load(file)
-    rows = {}
-    first = next(iter(variants))
-    rows["cloud_only"] = [cells[first, seed]["cloud_only"] for seed in seeds]
+    return cells
+
+
+def model_rows(cells, variants, seeds):
+    """``{row name: [one result per seed]}``: cloud-only, then each variant's cloud and device views (one row
+    when the variant has no device models)."""
+    first = variants[0]
+    rows = {"cloud-only": [cells[first, seed]["cloud_only"] for seed in seeds]}
     for variant in variants:
+        has_devices = cells[variant, seeds[0]]["config"].get("device_method", "metapatch") != "none"
         rows[f"{variant} cloud"] = [cells[variant, seed]["dccl_cloud"] for seed in seeds]
-        rows[f"{variant} device"] = [cells[variant, seed]["dccl_device"] for seed in seeds]
-    summary = {"settings": vars(args), "seeds": seeds, "variants": variants, "rows": {}}
+        if has_devices:
+            rows[f"{variant} device"] = [cells[variant, seed]["dccl_device"] for seed in seeds]
+    return rows
+
+
+def mean_std(values):
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def paired_gain(results, baselines, metric, users=None, samples=BOOTSTRAP_SAMPLES, seed=0):
+    """Relative gain ``sum(model) / sum(baseline) - 1`` of a per-user test metric over the same users of every
+    seed, with a 95% bootstrap interval (users resampled within each seed). ``users``: one set per seed, or None."""
+    rng = np.random.default_rng(seed)
+    totals = np.zeros((2, samples))
+    point = np.zeros(2)
+    for index, (result, baseline) in enumerate(zip(results, baselines)):
+        model_values = dict(zip(result["test_users"]["users"], result["test_users"][metric]))
+        base_values = dict(zip(baseline["test_users"]["users"], baseline["test_users"][metric]))
+        kept = [user for user in base_values if user in model_values and (users is None or user in users[index])]
+        pairs = np.array([[model_values[user], base_values[user]] for user in kept])
+        point += pairs.sum(axis=0)
+        draws = rng.integers(0, len(pairs), size=(samples, len(pairs)))
+        totals += pairs[draws].sum(axis=1).T
+    gains = totals[0] / totals[1] - 1
+    low, high = np.percentile(gains, [2.5, 97.5])
+    return {"gain": float(point[0] / point[1] - 1), "ci95": [float(low), float(high)]}
+
+
+def summarise(cells, variants, seeds):
+    rows = model_rows(cells, variants, seeds)
+    baselines = rows["cloud-only"]
+    group_names = list(baselines[0]["test_groups"])
+    members = [cells[variants[0], seed]["user_groups"] for seed in seeds]
+    summary = {"seeds": seeds, "variants": variants, "groups": group_names, "rows": {}}
     for name, results in rows.items():
-        summary["rows"][name] = {
+        row = {
             split: {metric: mean_std([result[split][metric] for result in results]) for metric in METRICS}
             for split in ("valid", "test")
         }
-        base = rows["cloud_only"]
-        summary["rows"][name]["test_gain_vs_cloud_only"] = {
-            metric: mean_std([r["test"][metric] / b["test"][metric] - 1 for r, b in zip(results, base)])
-            for metric in METRICS
-        }
-        if all("test_groups" in result for result in results + base):
-            tail = [least_active(result) for result in results]
-            summary["rows"][name]["tail_test"] = {metric: mean_std([t[metric] for t in tail]) for metric in METRICS}
-            summary["rows"][name]["tail_test_gain_vs_cloud_only"] = {
-                metric: mean_std([t[metric] / least_active(b)[metric] - 1 for t, b in zip(tail, base)]) for metric in METRICS
+        row["paired_gain"] = {metric: paired_gain(results, baselines, metric) for metric in METRICS}
+        row["groups"] = {}
+        for group in group_names:
+            users = [set(seed_members[group]) for seed_members in members]
+            row["groups"][group] = {
+                "test": {metric: mean_std([result["test_groups"][group][metric] for result in results]) for metric in METRICS},
+                "paired_gain": {metric: paired_gain(results, baselines, metric, users) for metric in METRICS},
             }
+        if "data cloud" in rows and name != "data cloud":
+            # The acceptance's second baseline: the model-over-data cloud of the same seed.
+            tail = [set(seed_members[group_names[0]]) for seed_members in members]
+            row["paired_gain_vs_data"] = {
+                scope: {metric: paired_gain(results, rows["data cloud"], metric, users) for metric in METRICS}
+                for scope, users in (("all", None), ("least_active_group", tail))
+            }
+        summary["rows"][name] = row
+    summary["rounds"] = round_curves(cells, variants, seeds)
     summary["cold_start"] = cold_start_rows(cells, variants, seeds)
     return summary
+
+
+def round_curves(cells, variants, seeds):
+    """Per variant: the phases in order and the mean test NDCG@10 of each view after each of them."""
+    curves = {}
+    for variant in variants:
+        histories = [cells[variant, seed]["history"] for seed in seeds]
+        phases = [f"{entry['round']}:{entry['phase']}" for entry in histories[0]]
+        curves[variant] = {"phases": phases}
+        for view in ("cloud", "device"):
+            curves[variant][view] = [
+                statistics.fmean(history[step][view]["test"]["ndcg@10"] for history in histories) for step in range(len(phases))
+            ]
+    return curves
 
 
 COLD_STARTS = ("cloud_only", "zero", "zero_finetuned", "encoder", "encoder_finetuned")
@@ -115,48 +176,100 @@ def cold_start_rows(cells, variants, seeds):
     return rows
 
 
-def least_active(result):
-    """The test metrics of the least-active user group (G1)."""
-    return next(values for name, values in result["test_groups"].items() if name.startswith("G1 "))
-
-
 def markdown(summary):
+    fmt = lambda s: f"{s['mean']:.4f} ± {s['std']:.4f}"
+    gain = lambda g: f"{100 * g['gain']:+.1f}% [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]"
     lines = [
-        f"{len(summary['seeds'])} seeds {summary['seeds']}; mean ± std over seeds; gain = per-seed relative change "
-        "of test vs the same seed's cloud-only model.",
+        f"{len(summary['seeds'])} seeds {summary['seeds']}; mean ± std over seeds; gain = paired per-user change of "
+        "the test metric vs the same seed's cloud-only model, over all seeds' users, with a 95% bootstrap interval.",
         "",
-        "| model | valid NDCG@10 | test NDCG@10 | test Hit@10 | test NDCG@10 gain | test Hit@10 gain |",
+        "| model | valid NDCG@10 | test NDCG@10 | test Hit@10 | NDCG@10 gain [95% CI] | Hit@10 gain [95% CI] |",
         "|---|---|---|---|---|---|",
     ]
-    fmt = lambda s: f"{s['mean']:.4f} ± {s['std']:.4f}"
-    pct = lambda s: f"{100 * s['mean']:+.1f}% ± {100 * s['std']:.1f}"
     for name, row in summary["rows"].items():
-        gain = row["test_gain_vs_cloud_only"]
         lines.append(
             f"| {name} | {fmt(row['valid']['ndcg@10'])} | {fmt(row['test']['ndcg@10'])} | {fmt(row['test']['hit@10'])} "
-            f"| {pct(gain['ndcg@10'])} | {pct(gain['hit@10'])} |"
+            f"| {gain(row['paired_gain']['ndcg@10'])} | {gain(row['paired_gain']['hit@10'])} |"
         )
-    tails = {name: row for name, row in summary["rows"].items() if "tail_test" in row}
-    if tails:
-        lines += ["", "Least-active user group (G1 of `user_groups`):", "",
-                  "| model | tail test NDCG@10 | tail test Hit@10 | tail NDCG@10 gain | tail Hit@10 gain |", "|---|---|---|---|---|"]
-        for name, row in tails.items():
-            gain = row["tail_test_gain_vs_cloud_only"]
-            lines.append(
-                f"| {name} | {fmt(row['tail_test']['ndcg@10'])} | {fmt(row['tail_test']['hit@10'])} "
-                f"| {pct(gain['ndcg@10'])} | {pct(gain['hit@10'])} |"
-            )
+    versus_data = {name: row["paired_gain_vs_data"] for name, row in summary["rows"].items() if "paired_gain_vs_data" in row}
+    if versus_data:
+        lines += ["", f"Paired gain vs the model-over-data cloud (`data` variant) of the same seed [95% CI]; {summary['groups'][0]}:",
+                  "", "| model | NDCG@10 | Hit@10 | least-active NDCG@10 | least-active Hit@10 |", "|---|---|---|---|---|"]
+        for name, gains in versus_data.items():
+            scopes = (gains["all"], gains["least_active_group"])
+            lines.append(f"| {name} | " + " | ".join(gain(scope[metric]) for scope in scopes for metric in METRICS) + " |")
+    lines += ["", "Test NDCG@10 by user group (training interactions), paired gain vs cloud-only [95% CI]:", ""]
+    lines.append("| model | " + " | ".join(summary["groups"]) + " |")
+    lines.append("|---" * (len(summary["groups"]) + 1) + "|")
+    for name, row in summary["rows"].items():
+        cells = [
+            f"{row['groups'][group]['test']['ndcg@10']['mean']:.4f} ({gain(row['groups'][group]['paired_gain']['ndcg@10'])})"
+            for group in summary["groups"]
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if summary["cold_start"]:
+        pct = lambda s: f"{100 * s['mean']:+.1f}% ± {100 * s['std']:.1f}"
         lines += ["", "Cold-start users (the `cold` group, held out of all cloud training):", "",
-                  "| model | users | valid NDCG@10 | test NDCG@10 | test Hit@10 | test NDCG@10 gain | test Hit@10 gain |",
+                  "| model | users | valid NDCG@10 | test NDCG@10 | test Hit@10 | test NDCG@10 gain (per seed) | test Hit@10 gain (per seed) |",
                   "|---|---|---|---|---|---|---|"]
         for name, row in summary["cold_start"].items():
-            gain = row["test_gain_vs_cloud_only"]
+            change = row["test_gain_vs_cloud_only"]
             lines.append(
                 f"| {name} | {row['users']} | {fmt(row['valid']['ndcg@10'])} | {fmt(row['test']['ndcg@10'])} "
-                f"| {fmt(row['test']['hit@10'])} | {pct(gain['ndcg@10'])} | {pct(gain['hit@10'])} |"
+                f"| {fmt(row['test']['hit@10'])} | {pct(change['ndcg@10'])} | {pct(change['hit@10'])} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def plot(summary, out):
+    """``groups.png``: per-group test NDCG@10 of every row; ``rounds.png``: test NDCG@10 after every phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    groups, rows = summary["groups"], summary["rows"]
+    figure, axes = pyplot.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    width = 0.8 / len(rows)
+    for index, (name, row) in enumerate(rows.items()):
+        means = [row["groups"][group]["test"]["ndcg@10"]["mean"] for group in groups]
+        stds = [row["groups"][group]["test"]["ndcg@10"]["std"] for group in groups]
+        positions = np.arange(len(groups)) + (index - (len(rows) - 1) / 2) * width
+        axes.bar(positions, means, width, yerr=stds, label=name, capsize=2)
+    axes.set_xticks(np.arange(len(groups)), [group.replace(" ", "\n", 1) for group in groups])
+    axes.set_xlabel("user group (training interactions, least active first)")
+    axes.set_ylabel("test NDCG@10 (mean ± std over seeds)")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(os.path.join(out, "groups.png"), dpi=120)
+    pyplot.close(figure)
+
+    figure, axes = pyplot.subplots(figsize=(7, 4))
+    # Variants without devices skip phases: place every point at its phase's position in the longest run.
+    longest = max(summary["rounds"].values(), key=lambda curve: len(curve["phases"]))["phases"]
+    for variant, curve in summary["rounds"].items():
+        steps = [longest.index(phase) for phase in curve["phases"]]
+        axes.plot(steps, curve["cloud"], marker="o", label=f"{variant} cloud")
+        if curve["device"] != curve["cloud"]:
+            axes.plot(steps, curve["device"], marker="s", linestyle="--", label=f"{variant} device")
+    axes.set_xticks(np.arange(len(longest)), longest, rotation=30, fontsize="small")
+    axes.set_xlabel("round:phase")
+    axes.set_ylabel("test NDCG@10 (mean over seeds)")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(os.path.join(out, "rounds.png"), dpi=120)
+    pyplot.close(figure)
+
+
+def write_report(out, variants, seeds):
+    summary = summarise(load_cells(out, variants, seeds), variants, seeds)
+    with open(os.path.join(out, "summary.json"), "w") as file:
+        json.dump(summary, file, indent=2)
+    table = markdown(summary)
+    with open(os.path.join(out, "summary.md"), "w") as file:
+        file.write(table)
+    plot(summary, out)
+    return table
 
 
 def main():
@@ -164,35 +277,27 @@ def main():
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--backbone", default="GRU4Rec")
     parser.add_argument("--protocol", default="incremental", choices=("incremental", "static"))
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 2020, 2021, ...")
     parser.add_argument("--out", default="results/quality")
-    parser.add_argument("--jobs", type=int, default=1, help="cells run at once")
-    parser.add_argument("--variant", action="append", default=[], help="name:key=value,key=value (repeatable)")
-    parser.add_argument("--only", default=None, help="comma-separated variants to run (default: dccl,data and --variant)")
+    parser.add_argument("--variants", default="dccl,data", help=f"comma-separated, from {list(VARIANTS)} and --variant")
+    parser.add_argument("--variant", action="append", default=[], help="define one: name:key=value,key=value")
     args, passthrough = parser.parse_known_args()
-    args.out = os.path.abspath(args.out)
+    out = os.path.abspath(args.out)
     for folder in ("cells", "logs", "cloud", "saved"):
-        os.makedirs(os.path.join(args.out, folder), exist_ok=True)
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
+    args.out = out
 
-    variants = dict(VARIANTS)
-    variants.update(parse_variant(text) for text in args.variant)
-    if args.only:
-        variants = {name: variants[name] for name in args.only.split(",")}
+    defined = {**VARIANTS, **dict(parse_variant(text) for text in args.variant)}
+    variants = args.variants.split(",")
+    unknown = [name for name in variants if name not in defined]
+    if unknown:
+        parser.error(f"--variants: {unknown} are not defined; defined: {list(defined)}")
     seeds = [2020 + index for index in range(args.seeds)]
-    names = list(variants)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        # The first variant of each seed trains the shared cloud model; the others wait for it.
-        list(pool.map(lambda seed: run_cell(args, passthrough, names[0], variants[names[0]], seed), seeds))
-        cells = [(name, seed) for name in names[1:] for seed in seeds]
-        list(pool.map(lambda cell: run_cell(args, passthrough, cell[0], variants[cell[0]], cell[1]), cells))
-
-    summary = summarise(args, names, seeds)
-    with open(os.path.join(args.out, "summary.json"), "w") as file:
-        json.dump(summary, file, indent=2)
-    table = markdown(summary)
-    with open(os.path.join(args.out, "summary.md"), "w") as file:
-        file.write(table)
-    print(table)
+    # The first cell of each seed trains the seed's shared cloud model; the others load it.
+    for seed in seeds:
+        for variant in variants:
+            run_cell(args, passthrough, variant, defined[variant], seed)
+    print(write_report(out, variants, seeds))
 
 
 if __name__ == "__main__":

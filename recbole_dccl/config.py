@@ -80,6 +80,8 @@ _POSITIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) a
 _NON_NEGATIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0")
 SETTING_RULES = {
     "protocol": (lambda v: v in PROTOCOLS, f"one of {list(PROTOCOLS)}"),
+    "device_method": (lambda v: v in ("none", "patch", "metapatch"), "one of ['none', 'patch', 'metapatch']"),
+    "cloud_method": (lambda v: v in ("data", "momodistill"), "one of ['data', 'momodistill']"),
     "rounds": _POSITIVE_INT,
     "fresh_interactions": _POSITIVE_INT,
     "cold_start_ratio": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),

@@ -9,9 +9,12 @@ users by themselves (tested). Works for full-sort ranking and labeled (CTR) eval
 interactions; RecBole's sampled ranking modes (uniN, popN) score users per batch row and are not supported.
 """
 
+import inspect
+
 import numpy as np
 import torch
 from recbole.evaluator import Collector
+from recbole.evaluator.base_metric import TopkMetric
 from recbole.evaluator.collector import DataStruct
 
 USER_ROWS = "data.uid"
@@ -55,6 +58,12 @@ class UserGroups:
         member[torch.as_tensor(users, dtype=torch.long)] = True
         self.extra[name] = member
 
+    def members(self):
+        """``{group name: [user ids]}``, the extra groups included."""
+        groups = {name: torch.nonzero(self.group_of_user == index).squeeze(1).tolist() for index, name in enumerate(self.names)}
+        groups.update({name: torch.nonzero(member).squeeze(1).tolist() for name, member in self.extra.items()})
+        return groups
+
     def evaluate(self, evaluator, struct):
         """``{group name: {'users': n, metric: value, ...}}`` for the rows of ``struct``."""
         users = struct[USER_ROWS]
@@ -72,6 +81,20 @@ class UserGroups:
             metrics = evaluator.evaluate(part)
             results[name] = {"users": int(torch.unique(users[mask]).numel()), **{k: float(v) for k, v in metrics.items()}}
         return results
+
+
+def per_user_metrics(evaluator, struct):
+    """``{'users': [...], 'ndcg@10': [...], ...}``: RecBole's own per-user values of every top-k metric, one per
+    evaluated user (full-sort ranking; their mean is the metric), for paired comparisons between models."""
+    result = {}
+    for name, metric in evaluator.metric_class.items():
+        if isinstance(metric, TopkMetric):
+            pos_index, pos_len = metric.used_info(struct)
+            # RecBole's metrics differ in whether metric_info takes the number of positives too.
+            takes_pos_len = len(inspect.signature(metric.metric_info).parameters) > 1
+            values = metric.metric_info(pos_index, pos_len) if takes_pos_len else metric.metric_info(pos_index)
+            result.update({f"{name}@{k}": values[:, k - 1].tolist() for k in metric.topk})
+    return {"users": struct[USER_ROWS].tolist(), **result} if result else {}
 
 
 def group_table(group_result):
@@ -117,16 +140,19 @@ class UserGroupCollector(Collector):
 
 
 class UserGroupEvaluationMixin:
-    """Put before a RecBole trainer: after every ``evaluate``, :attr:`group_result` holds the per-group metrics."""
+    """Put before a RecBole trainer: after every ``evaluate``, :attr:`group_result` holds the per-group metrics and
+    :attr:`user_result` the per-user values of the top-k metrics (empty for labeled evaluation)."""
 
     def __init__(self, config, model):
         super().__init__(config, model)
         self.eval_collector = UserGroupCollector(config)
         self.group_result = None
+        self.user_result = None
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         result = super().evaluate(eval_data, load_best_model, model_file, show_progress)
         collector = self.eval_collector
         if collector.groups is not None and collector.last_struct is not None:
             self.group_result = collector.groups.evaluate(self.evaluator, collector.last_struct)
+            self.user_result = per_user_metrics(self.evaluator, collector.last_struct)
         return result

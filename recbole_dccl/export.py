@@ -51,6 +51,11 @@ def load_dccl(checkpoint_path):
     stored = checkpoint.get("config", {})
     if stored.get("model") != "DCCL":
         raise ValueError(f"checkpoint: [{checkpoint_path}] is not a DCCL checkpoint (model: {stored.get('model')!r}).")
+    if stored.get("device_method", "metapatch") != "metapatch":
+        raise ValueError(
+            f"checkpoint: [{checkpoint_path}] has device_method [{stored['device_method']}]; "
+            "only device_method 'metapatch' models are exported."
+        )
     settings = {key: value for key, value in stored.items() if key not in DERIVED_KEYS}
     # RecBole stores data_path joined with the dataset name.
     if os.path.basename(os.path.normpath(settings["data_path"])) == stored["dataset"]:

@@ -9,9 +9,9 @@ def eval_batch(test_data, device):
     return interaction.to(device)
 
 
-@pytest.mark.parametrize("backbone", ["GRU4Rec", "SASRec"])
-def test_fresh_device_model_equals_cloud_model(tiny_config, backbone):
-    config, (_, _, test_data), model, _ = build({**tiny_config, "backbone": backbone})
+@pytest.mark.parametrize("backbone,device_method", [("GRU4Rec", "metapatch"), ("SASRec", "metapatch"), ("SASRec", "patch")])
+def test_fresh_device_model_equals_cloud_model(tiny_config, backbone, device_method):
+    config, (_, _, test_data), model, _ = build({**tiny_config, "backbone": backbone, "device_method": device_method})
     model.eval()
     batch = eval_batch(test_data, config["device"])
     model.view = "cloud"

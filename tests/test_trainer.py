@@ -11,13 +11,13 @@ from tests.helpers import build
 
 
 def test_distill_weight_zero_is_plain_ce_training(tiny_config):
-    config, (train_data, _, _), model, trainer = build({**tiny_config, "distill_weight": 0.0})
+    config, (train_data, _, _), model, trainer = build(tiny_config)
     schedule = RoundSchedule(config, train_data)
     rows = schedule.device_rows(1)
     teachers = DeviceTeachers(model)
     optimizer = trainer._build_optimizer(params=model.backbone.parameters())
     torch.manual_seed(5)
-    distill_cloud_epoch(model, schedule.loader(rows), optimizer, teachers, config)
+    distill_cloud_epoch(model, schedule.loader(rows), optimizer, teachers, 0.0, config)
 
     _, _, plain_model, plain_trainer = build(tiny_config, model="GRU4Rec")
     plain_trainer.optimizer = plain_trainer._build_optimizer(params=plain_model.parameters())
@@ -40,7 +40,7 @@ def test_distillation_pulls_cloud_towards_devices(tiny_config):
     before = kl()
     optimizer = torch.optim.Adam(model.backbone.parameters(), lr=0.01)
     for _ in range(3):
-        distill_cloud_epoch(model, loader, optimizer, teachers, {**config.final_config_dict, "distill_weight": 100.0})
+        distill_cloud_epoch(model, loader, optimizer, teachers, 100.0, config)
     model.eval()
     assert kl() < before
 
@@ -73,7 +73,7 @@ def test_end_to_end_writes_all_three_views(tiny_config, tmp_path, protocol):
     for view in ("cloud_only", "dccl_cloud", "dccl_device"):
         for split in ("valid", "test"):
             assert 0.0 <= written[view][split]["ndcg@10"] <= 1.0
-    assert [(entry["round"], entry["phase"]) for entry in written["history"]] == [
+    assert phases(written) == [
         (0, "cloud"), (1, "device"), (1, "momodistill"), (1, "shared"), (2, "device"), (2, "momodistill"), (2, "shared"),
     ]
     assert written["config"]["protocol"] == protocol
@@ -83,6 +83,55 @@ def test_end_to_end_writes_all_three_views(tiny_config, tmp_path, protocol):
     best = max(entry["device"]["valid"]["ndcg@10"] for entry in written["history"])
     assert written["dccl_device"]["valid"]["ndcg@10"] == best
     assert result["test_result"] == written["dccl_device"]["test"]
+
+
+def phases(result):
+    return [(entry["round"], entry["phase"]) for entry in result["history"]]
+
+
+def test_cloud_method_data_is_model_over_data(tiny_config):
+    """cloud_method: data ignores distill_weight: step 1 is plain CE, as with distill_weight 0."""
+
+    def cloud_after_step_1(settings):
+        config, (train_data, _, _), model, trainer = build({**tiny_config, **settings})
+        with torch.no_grad():
+            model.uploaded_metapatch.normal_(generator=torch.Generator().manual_seed(0))
+        schedule = RoundSchedule(config, train_data)
+        torch.manual_seed(5)
+        trainer._momodistill(1, schedule.loader(schedule.device_rows(1)), DeviceTeachers(model))
+        return model.backbone.state_dict()
+
+    data = cloud_after_step_1({"cloud_method": "data"})
+    zero = cloud_after_step_1({"distill_weight": 0.0})
+    distilled = cloud_after_step_1({})
+    assert all(torch.equal(data[name], zero[name]) for name in data)
+    assert not all(torch.equal(data[name], distilled[name]) for name in data)
+
+
+def test_device_method_none_has_no_device_models(tiny_config):
+    result = run_recbole_dccl(model="DCCL", dataset="tiny", config_dict={**tiny_config, "device_method": "none"}, verbose=False)
+    assert phases(result) == [(0, "cloud"), (1, "momodistill")]
+    assert all(entry["device"] == entry["cloud"] for entry in result["history"])
+    assert result["dccl_device"] == result["dccl_cloud"]
+
+
+def test_device_method_patch_trains_per_user_patch_weights(tiny_config):
+    config, (train_data, valid_data, test_data), model, trainer = build({**tiny_config, "device_method": "patch"})
+    dim, rank = tiny_config["hidden_size"], tiny_config["patch_rank"]
+    assert model.metapatch.shape == (train_data.dataset.user_num, 2 * dim * rank)
+    trainer.fit(train_data, valid_data, saved=False, test_data=test_data)
+    assert phases(trainer.report) == [(0, "cloud"), (1, "device"), (1, "momodistill"), (1, "shared")]
+    assert (model.uploaded_metapatch != 0).any(dim=1).sum() > 0  # some devices adopted their own patch
+
+
+def test_best_views_carry_per_user_test_values(tiny_config):
+    result = run_recbole_dccl(model="DCCL", dataset="tiny", config_dict=tiny_config, verbose=False)
+    for view in ("cloud_only", "dccl_cloud", "dccl_device"):
+        users = result[view]["test_users"]
+        assert len(users["users"]) == len(set(users["users"])) == 30
+        for metric in ("ndcg@10", "hit@10", "mrr@10"):
+            assert sum(users[metric]) / len(users[metric]) == pytest.approx(result[view]["test"][metric], abs=1e-4)
+    assert all("test_users" not in entry["cloud"] for entry in result["history"])
 
 
 def test_shared_cloud_checkpoint_is_reused_and_checked(tiny_config, tmp_path):

@@ -7,7 +7,8 @@ Reference:
 One model, two views. The **cloud** view is the backbone (any RecBole sequential model, W_f) exactly as RecBole
 runs it. The **device** view is the same backbone with a MetaPatch at each patch site whose weights are generated
 from the user's metapatch (looked up by ``USER_ID_FIELD``) through the global shared parameters Theta. The
-auxiliary encoder maps what the cloud knows of a user to a metapatch (MoMoDistill step 2, cold start).
+auxiliary encoder maps what the cloud knows of a user to a metapatch (MoMoDistill step 2, cold start). With
+``device_method: patch`` (an ablation) each user holds its patches' weights themselves instead of a metapatch.
 """
 
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from recbole.utils import get_model as recbole_get_model
 from torch import nn
 
 from recbole_dccl.model.encoder import AuxiliaryEncoder
-from recbole_dccl.model.metapatch import MetaPatch, PatchContext, find_sites, site_output_dims, wrap_site
+from recbole_dccl.model.metapatch import MetaPatch, PatchContext, UserPatch, find_sites, site_output_dims, wrap_site
 from recbole_dccl.model.objectives import NextItemObjective
 
 # Family -> (default patch sites, objective). 'backbone' is the backbone module itself: its output is the
@@ -58,10 +59,9 @@ class DCCL(AbstractRecommender):
         self.objective = objective(self.backbone)
         self.view = "cloud"
 
-        metapatch_dim, rank = config["metapatch_dim"], config["patch_rank"]
         sites = find_sites(self.backbone, "backbone", config["patch_sites"] or default_sites)
         dims = site_output_dims(sites, lambda: self._dry_run(dataset))
-        self.patches = nn.ModuleDict({self._key(name): MetaPatch(dims[name], rank, metapatch_dim) for name in sites})
+        self.patches, metapatch_dim = self._build_patches(config, dims)
         self.context = PatchContext()
         for name, module in sites.items():
             wrap_site(module, self.patches[self._key(name)], self.context)
@@ -76,6 +76,20 @@ class DCCL(AbstractRecommender):
         self.register_buffer("metapatch", torch.zeros(n_users, metapatch_dim))
         self.register_buffer("uploaded_metapatch", torch.zeros(n_users, metapatch_dim))
         self.register_buffer("user_history", torch.zeros(n_users, HISTORY_LENGTH, dtype=torch.long), persistent=False)
+
+    def _build_patches(self, config, dims):
+        """One patch per site, and the size of the vector each user holds (its metapatch, or for
+        ``device_method: patch`` all its patches' weights)."""
+        rank = config["patch_rank"]
+        if config["device_method"] != "patch":
+            metapatch_dim = config["metapatch_dim"]
+            patches = {self._key(name): MetaPatch(dim, rank, metapatch_dim) for name, dim in dims.items()}
+            return nn.ModuleDict(patches), metapatch_dim
+        patches, offset = {}, 0
+        for name, dim in dims.items():
+            patches[self._key(name)] = UserPatch(dim, rank, offset)
+            offset += UserPatch.size(dim, rank)
+        return nn.ModuleDict(patches), offset
 
     @staticmethod
     def _key(site_name):

@@ -19,26 +19,56 @@ from torch import nn
 from torch.nn import functional as F
 
 
-class MetaPatch(nn.Module):
-    """One site's generated residual bottleneck. ``forward(z, metapatch)``: ``z`` is ``[B, ..., d]``, one
-    metapatch row per ``z`` row (``[B, k]``)."""
+class ResidualBottleneck(nn.Module):
+    """``z + gelu(z @ D) @ U`` with per-row ``D`` (``d x r``) and ``U`` (``r x d``) from :meth:`weights`.
+    ``forward(z, vector)``: ``z`` is ``[B, ..., d]``, one user vector per ``z`` row (``[B, n]``)."""
+
+    def __init__(self, dim, rank):
+        super().__init__()
+        self.dim, self.rank = dim, rank
+        self.base_down = nn.Parameter(torch.empty(dim, rank))
+        nn.init.normal_(self.base_down, std=1.0 / math.sqrt(dim))
+
+    def forward(self, z, vector):
+        down, up = self.weights(vector)
+        flat = z.reshape(z.shape[0], -1, z.shape[-1])
+        patch = torch.bmm(F.gelu(torch.bmm(flat, down)), up)
+        return z + patch.reshape(z.shape)
+
+
+class MetaPatch(ResidualBottleneck):
+    """``device_method: metapatch``: the weights are generated from the user's metapatch (``k`` numbers, shared
+    by all sites) through the global shared parameters ``Theta``."""
 
     def __init__(self, dim, rank, metapatch_dim):
-        super().__init__()
-        self.base_down = nn.Parameter(torch.empty(dim, rank))
+        super().__init__(dim, rank)
         self.theta_down = nn.Parameter(torch.empty(metapatch_dim, dim, rank))
         self.theta_up = nn.Parameter(torch.empty(metapatch_dim, rank, dim))
-        nn.init.normal_(self.base_down, std=1.0 / math.sqrt(dim))
         nn.init.normal_(self.theta_down, std=1.0 / math.sqrt(dim * metapatch_dim))
         nn.init.normal_(self.theta_up, std=1.0 / math.sqrt(rank * metapatch_dim))
 
-    def forward(self, z, metapatch):
-        rows = z.shape[0]
+    def weights(self, metapatch):
         down = self.base_down + torch.einsum("bk,kdr->bdr", metapatch, self.theta_down)
         up = torch.einsum("bk,krd->brd", metapatch, self.theta_up)
-        flat = z.reshape(rows, -1, z.shape[-1])
-        patch = torch.bmm(F.gelu(torch.bmm(flat, down)), up)
-        return z + patch.reshape(z.shape)
+        return down, up
+
+
+class UserPatch(ResidualBottleneck):
+    """``device_method: patch`` (ablation): the user's vector holds this site's ``D - base`` and ``U`` themselves,
+    at ``offset`` in the concatenation over all sites; nothing is generated."""
+
+    def __init__(self, dim, rank, offset):
+        super().__init__(dim, rank)
+        self.offset = offset
+
+    @staticmethod
+    def size(dim, rank):
+        return 2 * dim * rank
+
+    def weights(self, vector):
+        own = vector[:, self.offset : self.offset + self.size(self.dim, self.rank)]
+        down, up = own.split(self.dim * self.rank, dim=1)
+        return self.base_down + down.view(-1, self.dim, self.rank), up.view(-1, self.rank, self.dim)
 
 
 class PatchContext:

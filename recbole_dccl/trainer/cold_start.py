@@ -45,20 +45,12 @@ def cold_start_report(trainer, schedule, dataset, seed):
             finetuned = personalise(model, local, starts[name], settings, seed)
             for variant, metapatch in ((name, starts[name]), (f"{name}_finetuned", finetuned.metapatch)):
                 model.metapatch[users] = metapatch
-                report[variant] = _cold_scores(_score_device_view(trainer))
+                report[variant] = _cold_scores(trainer._score_view("device"))
             report[f"{name}_finetuned"]["adopted"] = int(finetuned.adopted.sum())
     finally:
         model.metapatch[users] = kept
     trainer.phase_seconds["cold start"] = time() - start_time
     return report
-
-
-def _score_device_view(trainer):
-    scores = {}
-    scores["valid"], scores["valid_groups"] = trainer._evaluate_view(trainer.valid_data, "device")
-    if trainer.test_data is not None:
-        scores["test"], scores["test_groups"] = trainer._evaluate_view(trainer.test_data, "device")
-    return scores
 
 
 def _cold_scores(scores):

@@ -22,10 +22,13 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.optimizer = self._build_optimizer(params=self.model.backbone.parameters())
+        # device_method none: no device phase and no step 2; the device view is the cloud view.
+        self.has_devices = config["device_method"] != "none"
         self.history = []
         self.phase_seconds = {}
         self.report = None
         self.cold_start = None
+        self.verbose, self.show_progress = True, False
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None,
             test_data=None):
@@ -43,16 +46,18 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
         best = self._record(0, "cloud")
         for round_idx in range(1, self.config["rounds"] + 1):
             device_rows = schedule.device_rows(round_idx)
-            self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
-            self._device_phase(round_idx, train_data.dataset, device_rows)
-            best = self._record(round_idx, "device", best, changed=("device",))
-            teachers = DeviceTeachers(self.model)
             loader = schedule.loader(device_rows)
+            self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
+            if self.has_devices:
+                self._device_phase(round_idx, train_data.dataset, device_rows)
+                best = self._record(round_idx, "device", best, changed=("device",))
+            teachers = DeviceTeachers(self.model)
             self._momodistill(round_idx, loader, teachers)
             best = self._record(round_idx, "momodistill", best)
-            self._learn_shared_parameters(round_idx, loader, teachers)
-            best = self._record(round_idx, "shared", best, changed=("device",))
-        if len(schedule.cold_users):
+            if self.has_devices:
+                self._learn_shared_parameters(round_idx, loader, teachers)
+                best = self._record(round_idx, "shared", best, changed=("device",))
+        if len(schedule.cold_users) and self.has_devices:
             self.cold_start = cold_start_report(self, schedule, train_data.dataset, self.config["seed"] + self.config["rounds"] + 1)
             self._log(cold_start_table(self.cold_start, self.valid_metric))
 
@@ -138,8 +143,9 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
     def _momodistill(self, round_idx, loader, teachers):
         start = time()
         optimizer = self._build_optimizer(params=self.model.backbone.parameters())
+        weight = self.config["distill_weight"] if self.config["cloud_method"] == "momodistill" else 0
         for epoch in range(self.config["cloud_epochs"]):
-            loss = distill_cloud_epoch(self.model, loader, optimizer, teachers, self.config)
+            loss = distill_cloud_epoch(self.model, loader, optimizer, teachers, weight, self.config)
             self._log(f"round {round_idx} momodistill epoch {epoch} [train loss: {loss:.4f}]")
         self.phase_seconds[f"round {round_idx} momodistill"] = time() - start
 
@@ -158,26 +164,31 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
     # Evaluation and bookkeeping --------------------------------------------------------------------------------
 
     def _evaluate_view(self, data, view):
-        """Overall and per-group metrics of ``view`` on ``data``."""
+        """Overall, per-group and per-user metrics of ``view`` on ``data``."""
         self.model.view = view
         result = self.evaluate(data, load_best_model=False, show_progress=self.show_progress)
-        return {key: float(value) for key, value in result.items()}, self.group_result
+        return {key: float(value) for key, value in result.items()}, self.group_result, self.user_result
+
+    def _score_view(self, view):
+        scores = {}
+        scores["valid"], scores["valid_groups"], _ = self._evaluate_view(self.valid_data, view)
+        if self.test_data is not None:
+            scores["test"], scores["test_groups"], scores["test_users"] = self._evaluate_view(self.test_data, view)
+        scores["score"] = scores["valid"][self.valid_metric]
+        return scores
 
     def _record(self, round_idx, phase, best=None, changed=None):
         """Score the views a phase ``changed`` (default: both), log them, and keep the best of each view on valid;
-        a view the phase left alone keeps its previous scores."""
-        entry = {"round": round_idx, "phase": phase}
+        a view the phase left alone keeps its previous scores. Per-user test values are kept for the best only."""
+        entry, scored = {"round": round_idx, "phase": phase}, {}
         best = best or {}
         for view in self.model.VIEWS:
             if changed is not None and view not in changed:
                 entry[view] = self.history[-1][view]
                 continue
-            scores = {}
-            scores["valid"], scores["valid_groups"] = self._evaluate_view(self.valid_data, view)
-            if self.test_data is not None:
-                scores["test"], scores["test_groups"] = self._evaluate_view(self.test_data, view)
-            scores["score"] = scores["valid"][self.valid_metric]
-            entry[view] = scores
+            scores = scored["cloud"] if view == "device" and not self.has_devices else self._score_view(view)
+            scored[view] = scores
+            entry[view] = {key: value for key, value in scores.items() if key != "test_users"}
             if self.verbose:
                 self.logger.info(
                     set_color(f"round {round_idx} {phase} {view} view valid", "blue") + ": " + dict2str(scores["valid"])
@@ -187,7 +198,7 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
                 if view == "device":
                     best["device_state"] = copy.deepcopy(self.model.state_dict())
         if round_idx == 0:
-            best["cloud_only"] = entry["cloud"]
+            best["cloud_only"] = best["cloud"]
         self.history.append(entry)
         return best
 
@@ -202,6 +213,7 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
             "dccl_cloud": strip(best["cloud"]),
             "dccl_device": strip(best["device"]),
             "history": self.history,
+            "user_groups": self.eval_collector.groups.members(),
             "config": {key: plain(self.config[key]) for key in keys},
             "phase_seconds": self.phase_seconds,
             **({"cold_start": self.cold_start} if self.cold_start else {}),

@@ -47,9 +47,9 @@ def _run_epoch(model, loader, optimizer, loss_fn, config, description):
     return total
 
 
-def distill_cloud_epoch(model, loader, optimizer, teachers, config):
-    """One epoch of step 1 on the backbone (W_f); returns the summed loss."""
-    weight, temperature = config["distill_weight"], config["distill_temperature"]
+def distill_cloud_epoch(model, loader, optimizer, teachers, weight, config):
+    """One epoch of step 1 on the backbone (W_f) with distillation ``weight``; returns the summed loss."""
+    temperature = config["distill_temperature"]
     objective = model.objective
 
     def loss_fn(interaction):

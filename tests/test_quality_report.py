@@ -1,0 +1,77 @@
+"""benchmarks/quality.py's report on hand-made result files: paired gains, intervals, tables and plots."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("quality", os.path.join(ROOT, "benchmarks", "quality.py"))
+quality = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quality)
+
+USERS = list(range(1, 41))
+GROUPS = {"G1 [1, 5]": USERS[:20], "G2 [6, 9]": USERS[20:]}
+
+
+def view(values):
+    """One view's results with per-user test values ``values`` (for ndcg@10 and hit@10 alike)."""
+    values = np.asarray(values, dtype=float)
+    metrics = lambda v: {"ndcg@10": float(v.mean()), "hit@10": float(v.mean())}
+    return {
+        "valid": metrics(values),
+        "test": metrics(values),
+        "test_groups": {name: {"users": len(m), **metrics(values[np.asarray(m) - 1])} for name, m in GROUPS.items()},
+        "test_users": {"users": USERS, "ndcg@10": values.tolist(), "hit@10": values.tolist()},
+    }
+
+
+def cell(cloud_only, cloud, device, device_method="metapatch"):
+    history = [{"round": 0, "phase": "cloud", "cloud": cloud_only, "device": cloud_only},
+               {"round": 1, "phase": "momodistill", "cloud": cloud, "device": device}]
+    return {"cloud_only": cloud_only, "dccl_cloud": cloud, "dccl_device": device, "history": history,
+            "user_groups": GROUPS, "config": {"device_method": device_method}}
+
+
+@pytest.fixture
+def cells(tmp_path):
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "cells")
+    for seed in (2020, 2021):
+        base = rng.uniform(0.1, 0.5, len(USERS))
+        tail_boost = np.where(np.arange(len(USERS)) < 20, 1.5, 1.0)  # devices help G1 only, by 50%
+        cells = {
+            "dccl": cell(view(base), view(base), view(base * tail_boost)),
+            "data": cell(view(base), view(base * 0.9), view(base * 0.9), device_method="none"),
+        }
+        for name, content in cells.items():
+            with open(tmp_path / "cells" / f"{name}-seed{seed}.json", "w") as file:
+                json.dump(content, file)
+    return str(tmp_path)
+
+
+def test_paired_gain_and_interval(cells):
+    summary = quality.summarise(quality.load_cells(cells, ["dccl", "data"], [2020, 2021]), ["dccl", "data"], [2020, 2021])
+    rows = summary["rows"]
+    assert list(rows) == ["cloud-only", "dccl cloud", "dccl device", "data cloud"]
+    assert rows["cloud-only"]["paired_gain"]["ndcg@10"] == {"gain": 0.0, "ci95": [0.0, 0.0]}
+    assert rows["data cloud"]["paired_gain"]["ndcg@10"]["gain"] == pytest.approx(-0.1)
+    assert rows["data cloud"]["paired_gain"]["ndcg@10"]["ci95"] == pytest.approx([-0.1, -0.1])
+    tail = rows["dccl device"]["groups"]["G1 [1, 5]"]["paired_gain"]["ndcg@10"]
+    assert tail["gain"] == pytest.approx(0.5) and tail["ci95"] == pytest.approx([0.5, 0.5])
+    assert rows["dccl device"]["groups"]["G2 [6, 9]"]["paired_gain"]["ndcg@10"]["gain"] == pytest.approx(0.0)
+    overall = rows["dccl device"]["paired_gain"]["ndcg@10"]
+    assert 0.0 < overall["ci95"][0] < overall["gain"] < overall["ci95"][1] < 0.5  # users differ: a real interval
+    versus_data = rows["dccl cloud"]["paired_gain_vs_data"]["all"]["ndcg@10"]
+    assert versus_data["gain"] == pytest.approx(1 / 0.9 - 1)
+    assert "paired_gain_vs_data" not in rows["data cloud"]
+    assert summary["rounds"]["dccl"]["phases"] == ["0:cloud", "1:momodistill"]
+
+
+def test_report_files(cells):
+    table = quality.write_report(cells, ["dccl", "data"], [2020, 2021])
+    assert "| dccl device |" in table and "G1 [1, 5]" in table and "+50.0% [+50.0, +50.0]" in table
+    for name in ("summary.json", "summary.md", "groups.png", "rounds.png"):
+        assert os.path.getsize(os.path.join(cells, name)) > 0
