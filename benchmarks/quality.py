@@ -132,6 +132,7 @@ def summarise(cells, variants, seeds):
             }
         summary["rows"][name] = row
     summary["rounds"] = round_curves(cells, variants, seeds)
+    summary["cold_start"] = cold_start_rows(cells, variants, seeds)
     return summary
 
 
@@ -147,6 +148,32 @@ def round_curves(cells, variants, seeds):
                 statistics.fmean(history[step][view]["test"]["ndcg@10"] for history in histories) for step in range(len(phases))
             ]
     return curves
+
+
+COLD_STARTS = ("cloud_only", "zero", "zero_finetuned", "encoder", "encoder_finetuned")
+
+
+def cold_start_rows(cells, variants, seeds):
+    """The cold users' metrics from each starting point (runs with ``cold_start_ratio``), and the per-seed gain
+    against the same seed's cloud-only model on them."""
+    rows = {}
+    for variant in variants:
+        reports = [cells[variant, seed].get("cold_start") for seed in seeds]
+        if not all(reports):
+            continue
+        for start in COLD_STARTS:
+            results = [report[start] for report in reports]
+            base = [report["cloud_only"] for report in reports]
+            rows[f"{variant} {start}"] = {
+                "users": reports[0]["users"],
+                **{split: {metric: mean_std([r[split][metric] for r in results]) for metric in METRICS} for split in ("valid", "test")},
+                "test_gain_vs_cloud_only": {
+                    metric: mean_std([r["test"][metric] / b["test"][metric] - 1 for r, b in zip(results, base)]) for metric in METRICS
+                },
+            }
+            if "adopted" in results[0]:
+                rows[f"{variant} {start}"]["adopted"] = [r["adopted"] for r in results]
+    return rows
 
 
 def markdown(summary):
@@ -180,6 +207,17 @@ def markdown(summary):
             for group in summary["groups"]
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if summary["cold_start"]:
+        pct = lambda s: f"{100 * s['mean']:+.1f}% ± {100 * s['std']:.1f}"
+        lines += ["", "Cold-start users (the `cold` group, held out of all cloud training):", "",
+                  "| model | users | valid NDCG@10 | test NDCG@10 | test Hit@10 | test NDCG@10 gain (per seed) | test Hit@10 gain (per seed) |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, row in summary["cold_start"].items():
+            change = row["test_gain_vs_cloud_only"]
+            lines.append(
+                f"| {name} | {row['users']} | {fmt(row['valid']['ndcg@10'])} | {fmt(row['test']['ndcg@10'])} "
+                f"| {fmt(row['test']['hit@10'])} | {pct(change['ndcg@10'])} | {pct(change['hit@10'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 

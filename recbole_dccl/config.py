@@ -91,6 +91,7 @@ SETTING_RULES = {
     "cloud_method": (lambda v: v in ("data", "momodistill"), "one of ['data', 'momodistill']"),
     "rounds": _POSITIVE_INT,
     "fresh_interactions": _POSITIVE_INT,
+    "cold_start_ratio": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),
     "metapatch_dim": _POSITIVE_INT,
     "patch_rank": _POSITIVE_INT,
     "patch_sites": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)), "None or a list of module names"),

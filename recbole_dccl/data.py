@@ -5,6 +5,10 @@ their users' training rows. ``incremental``: each user's ``rounds * fresh_intera
 fresh: round 0 trains without them, and round r's devices hold the r-th block of them (oldest block first), which
 the cloud then takes in. Validation and test are RecBole's in both, so every variant meets the same test set.
 RecBole keeps each user's training rows in time order (``order: TO``), which is what "newest" relies on.
+
+Cold start: ``cold_start_ratio`` of the users, drawn from ``seed``, are held out of every round: no round-0,
+device-phase, MoMoDistill or step-2 row of theirs. They arrive after the rounds with the rows their device
+holds (:meth:`RoundSchedule.cold_rows`), which only their own device ever trains on.
 """
 
 import numpy as np
@@ -26,6 +30,14 @@ def positions_from_newest(users):
     return from_newest
 
 
+def cold_start_users(users, ratio, seed):
+    """``round(ratio * len(users))`` of ``users`` (at least one when ``ratio > 0``, never all), drawn from ``seed``."""
+    if ratio == 0:
+        return np.empty(0, dtype=users.dtype)
+    count = min(len(users) - 1, max(1, round(ratio * len(users))))
+    return np.sort(np.random.default_rng(seed).choice(users, count, replace=False))
+
+
 class RoundSchedule:
     def __init__(self, config, train_data):
         self.config = config
@@ -42,16 +54,23 @@ class RoundSchedule:
             block = self.rounds - from_newest // fresh
             self.block = np.where((block >= 1) & ~oldest, block, 0)
         self.from_newest = from_newest
+        self.cold_users = cold_start_users(np.unique(users), config["cold_start_ratio"], config["seed"])
+        self.is_cold = np.isin(users, self.cold_users)
 
     def cloud_rows(self):
         """Rows round 0 trains the cloud on."""
-        return np.flatnonzero(self.block == 0)
+        return np.flatnonzero((self.block == 0) & ~self.is_cold)
 
     def device_rows(self, round_idx):
         """Rows the devices hold (and the cloud then takes in) in round ``round_idx`` >= 1."""
         if self.config["protocol"] == "static":
-            return np.arange(len(self.block))
-        return np.flatnonzero(self.block == round_idx)
+            return np.flatnonzero(~self.is_cold)
+        return np.flatnonzero((self.block == round_idx) & ~self.is_cold)
+
+    def cold_rows(self):
+        """The cold users' rows, all of them on their own devices: what they hold when they arrive after the
+        rounds (their training rows of every round)."""
+        return np.flatnonzero(self.is_cold)
 
     def visible_rows(self, round_idx):
         """Rows of all data produced up to round ``round_idx``: what a device has seen of its user."""

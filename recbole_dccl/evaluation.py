@@ -2,7 +2,8 @@
 
 Users are grouped by their number of training interactions: ``user_groups: 5`` (an int) makes that many
 equal-size groups from the least to the most active users; a list of thresholds ``[10, 50]`` makes the groups
-``[1, 10)``, ``[10, 50)``, ``[50, inf)``. The collector also keeps the user of every evaluated row, and each
+``[1, 10)``, ``[10, 50)``, ``[50, inf)``. Extra named groups (the ``cold`` start users) can be added on top
+and overlap them. The collector also keeps the user of every evaluated row, and each
 group's metrics are RecBole's evaluator run on that group's rows alone, so they equal evaluating each group's
 users by themselves (tested). Works for full-sort ranking and labeled (CTR) evaluation, where rows are users or
 interactions; RecBole's sampled ranking modes (uniN, popN) score users per batch row and are not supported.
@@ -48,6 +49,7 @@ class UserGroups:
                 "or a list of interaction-count thresholds (e.g. [10, 50])."
             )
         self.group_of_user = torch.from_numpy(group)
+        self.extra = {}
         self.names, self.sizes = [], []
         for index in range(int(group.max()) + 1):
             members = counts[group == index]
@@ -58,17 +60,26 @@ class UserGroups:
                 self.names.append(f"G{index + 1} (empty)")
                 self.sizes.append(0)
 
+    def add(self, name, users):
+        """An extra group ``name`` of the given user ids, reported after (and overlapping) the activity groups."""
+        member = torch.zeros(len(self.group_of_user), dtype=torch.bool)
+        member[torch.as_tensor(users, dtype=torch.long)] = True
+        self.extra[name] = member
+
     def members(self):
-        """``{group name: [user ids]}``."""
-        return {name: torch.nonzero(self.group_of_user == index).squeeze(1).tolist() for index, name in enumerate(self.names)}
+        """``{group name: [user ids]}``, the extra groups included."""
+        groups = {name: torch.nonzero(self.group_of_user == index).squeeze(1).tolist() for index, name in enumerate(self.names)}
+        groups.update({name: torch.nonzero(member).squeeze(1).tolist() for name, member in self.extra.items()})
+        return groups
 
     def evaluate(self, evaluator, struct):
         """``{group name: {'users': n, metric: value, ...}}`` for the rows of ``struct``."""
         users = struct[USER_ROWS]
         row_group = self.group_of_user[users]
+        masks = {name: row_group == index for index, name in enumerate(self.names)}
+        masks.update({name: member[users] for name, member in self.extra.items()})
         results = {}
-        for index, name in enumerate(self.names):
-            mask = row_group == index
+        for name, mask in masks.items():
             if not bool(mask.any()):
                 continue
             part = DataStruct()

@@ -43,6 +43,7 @@ def test_unsupported_backbone_is_refused_with_families(tiny_config):
         ("distill_temperature", 0, "a number > 0"),
         ("patch_sites", "backbone", "None or a list of module names"),
         ("device_select", "first", "'best' or 'last'"),
+        ("cold_start_ratio", 1.0, r"a number in \[0, 1\)"),
     ],
 )
 def test_bad_settings_are_refused_before_training(tiny_config, key, value, valid):

@@ -20,7 +20,8 @@ class NextItemObjective:
         self.target_field = backbone.POS_ITEM_ID
 
     def logits(self, interaction):
-        return self.backbone.full_sort_predict(interaction).view(len(interaction), -1)
+        # interaction.length rather than len(): len() would fix the batch size of an exported program.
+        return self.backbone.full_sort_predict(interaction).view(interaction.length, -1)
 
     def loss(self, logits, interaction):
         return F.cross_entropy(logits, interaction[self.target_field], reduction="none")

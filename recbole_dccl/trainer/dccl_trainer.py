@@ -16,6 +16,7 @@ from recbole_dccl.distributed import (
 )
 from recbole_dccl.evaluation import UserGroupEvaluationMixin
 from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, plain, save_atomic
+from recbole_dccl.trainer.cold_start import COLD_GROUP, cold_start_report, cold_start_table
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
 
@@ -29,6 +30,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self.history = []
         self.phase_seconds = {}
         self.report = None
+        self.cold_start = None
         self.verbose, self.show_progress = True, False
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None,
@@ -42,6 +44,8 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
 
         self._pretrain_cloud(schedule, train_data, verbose, show_progress, callback_fn)
         self.eval_collector.data_collect(train_data)  # user groups by all training interactions, not round 0's
+        if len(schedule.cold_users):
+            self.eval_collector.groups.add(COLD_GROUP, schedule.cold_users)
         best = self._record(0, "cloud")
         for round_idx in range(1, self.config["rounds"] + 1):
             device_rows = schedule.device_rows(round_idx)
@@ -56,6 +60,9 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             if self.has_devices:
                 self._learn_shared_parameters(round_idx, loader, teachers)
                 best = self._record(round_idx, "shared", best, changed=("device",))
+        if len(schedule.cold_users) and self.has_devices:
+            self.cold_start = cold_start_report(self, schedule, train_data.dataset, self.config["seed"] + self.config["rounds"] + 1)
+            self._log(cold_start_table(self.cold_start, self.valid_metric))
 
         self.model.load_state_dict(best["device_state"])
         self.model.view = "device"
@@ -70,7 +77,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
 
     # What round 0's data and model depend on: a shared cloud checkpoint must agree on all of it.
     CLOUD_KEYS = (
-        "dataset", "backbone", "protocol", "fresh_interactions", "rounds", "seed", "MAX_ITEM_LIST_LENGTH",
+        "dataset", "backbone", "protocol", "fresh_interactions", "rounds", "cold_start_ratio", "seed", "MAX_ITEM_LIST_LENGTH",
         "learner", "learning_rate", "weight_decay", "epochs", "train_batch_size", "stopping_step", "valid_metric",
         "embedding_size", "hidden_size",
     )
@@ -91,7 +98,9 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
     def _load_cloud(self, path):
         checkpoint = torch.load(path, map_location=self.device, weights_only=True)
         identity = {key: plain(self.config[key]) for key in self.CLOUD_KEYS}
-        differs = {key: (value, identity[key]) for key, value in checkpoint["identity"].items() if identity.get(key) != value}
+        # A key the file predates had its default value then.
+        stored = {key: checkpoint["identity"].get(key, dccl_defaults().get(key)) for key in identity}
+        differs = {key: (value, identity[key]) for key, value in stored.items() if identity[key] != value}
         if differs:
             raise ValueError(
                 f"cloud_checkpoint: [{path}] was trained with other settings (file value, this run): {differs}"
@@ -111,7 +120,8 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             if callback_fn:
                 callback_fn(epoch_idx, valid_score)
 
-        loader = schedule.loader(schedule.cloud_rows()) if self.config["protocol"] == "incremental" else train_data
+        rows = schedule.cloud_rows()
+        loader = train_data if len(rows) == len(train_data.dataset) else schedule.loader(rows)
         self._log(f"round 0: training the cloud model on {len(loader.dataset)} rows")
         super().fit(loader, self.valid_data, verbose=verbose, saved=False, show_progress=show_progress, callback_fn=keep_best)
         if best_state:
@@ -211,6 +221,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             "user_groups": self.eval_collector.groups.members(),
             "config": {key: plain(self.config[key]) for key in keys},
             "phase_seconds": self.phase_seconds,
+            **({"cold_start": self.cold_start} if self.cold_start else {}),
         }
 
     def _log(self, message):
