@@ -22,7 +22,12 @@ VARIANTS = {
     "dccl": {},
     "data": {"distill_weight": 0, "device_epochs": 0, "shared_epochs": 0},  # model-over-data: no devices
 }
-METRICS = ("ndcg@10", "hit@10")
+RANKING_METRICS = ("ndcg@10", "hit@10")
+
+
+def reported_metrics(result):
+    """NDCG@10 and Hit@10 of ranking runs; every metric of labeled (CTR) runs: AUC, LogLoss and GAUC."""
+    return [metric for metric in RANKING_METRICS if metric in result] or list(result)
 
 
 def parse_variant(text):
@@ -65,25 +70,26 @@ def summarise(args, variants, seeds):
     rows = {}
     first = next(iter(variants))
     rows["cloud_only"] = [cells[first, seed]["cloud_only"] for seed in seeds]
+    metrics = reported_metrics(rows["cloud_only"][0]["test"])
     for variant in variants:
         rows[f"{variant} cloud"] = [cells[variant, seed]["dccl_cloud"] for seed in seeds]
         rows[f"{variant} device"] = [cells[variant, seed]["dccl_device"] for seed in seeds]
-    summary = {"settings": vars(args), "seeds": seeds, "variants": variants, "rows": {}}
+    summary = {"settings": vars(args), "seeds": seeds, "variants": variants, "metrics": metrics, "rows": {}}
     for name, results in rows.items():
         summary["rows"][name] = {
-            split: {metric: mean_std([result[split][metric] for result in results]) for metric in METRICS}
+            split: {metric: mean_std([result[split][metric] for result in results]) for metric in metrics}
             for split in ("valid", "test")
         }
         base = rows["cloud_only"]
         summary["rows"][name]["test_gain_vs_cloud_only"] = {
             metric: mean_std([r["test"][metric] / b["test"][metric] - 1 for r, b in zip(results, base)])
-            for metric in METRICS
+            for metric in metrics
         }
         if all("test_groups" in result for result in results + base):
             tail = [least_active(result) for result in results]
-            summary["rows"][name]["tail_test"] = {metric: mean_std([t[metric] for t in tail]) for metric in METRICS}
+            summary["rows"][name]["tail_test"] = {metric: mean_std([t[metric] for t in tail]) for metric in metrics}
             summary["rows"][name]["tail_test_gain_vs_cloud_only"] = {
-                metric: mean_std([t[metric] / least_active(b)[metric] - 1 for t, b in zip(tail, base)]) for metric in METRICS
+                metric: mean_std([t[metric] / least_active(b)[metric] - 1 for t, b in zip(tail, base)]) for metric in metrics
             }
     return summary
 
@@ -94,30 +100,34 @@ def least_active(result):
 
 
 def markdown(summary):
+    metrics, main = summary["metrics"], summary["metrics"][0]
     lines = [
         f"{len(summary['seeds'])} seeds {summary['seeds']}; mean ± std over seeds; gain = per-seed relative change "
         "of test vs the same seed's cloud-only model.",
         "",
-        "| model | valid NDCG@10 | test NDCG@10 | test Hit@10 | test NDCG@10 gain | test Hit@10 gain |",
-        "|---|---|---|---|---|---|",
+        f"| model | valid {main} | " + " | ".join(f"test {m}" for m in metrics) + " | "
+        + " | ".join(f"test {m} gain" for m in metrics) + " |",
+        "|---" * (2 + 2 * len(metrics)) + "|",
     ]
     fmt = lambda s: f"{s['mean']:.4f} ± {s['std']:.4f}"
     pct = lambda s: f"{100 * s['mean']:+.1f}% ± {100 * s['std']:.1f}"
     for name, row in summary["rows"].items():
         gain = row["test_gain_vs_cloud_only"]
         lines.append(
-            f"| {name} | {fmt(row['valid']['ndcg@10'])} | {fmt(row['test']['ndcg@10'])} | {fmt(row['test']['hit@10'])} "
-            f"| {pct(gain['ndcg@10'])} | {pct(gain['hit@10'])} |"
+            f"| {name} | {fmt(row['valid'][main])} | " + " | ".join(fmt(row["test"][m]) for m in metrics) + " | "
+            + " | ".join(pct(gain[m]) for m in metrics) + " |"
         )
     tails = {name: row for name, row in summary["rows"].items() if "tail_test" in row}
     if tails:
         lines += ["", "Least-active user group (G1 of `user_groups`):", "",
-                  "| model | tail test NDCG@10 | tail test Hit@10 | tail NDCG@10 gain | tail Hit@10 gain |", "|---|---|---|---|---|"]
+                  "| model | " + " | ".join(f"tail test {m}" for m in metrics) + " | "
+                  + " | ".join(f"tail {m} gain" for m in metrics) + " |",
+                  "|---" * (1 + 2 * len(metrics)) + "|"]
         for name, row in tails.items():
             gain = row["tail_test_gain_vs_cloud_only"]
             lines.append(
-                f"| {name} | {fmt(row['tail_test']['ndcg@10'])} | {fmt(row['tail_test']['hit@10'])} "
-                f"| {pct(gain['ndcg@10'])} | {pct(gain['hit@10'])} |"
+                f"| {name} | " + " | ".join(fmt(row["tail_test"][m]) for m in metrics) + " | "
+                + " | ".join(pct(gain[m]) for m in metrics) + " |"
             )
     return "\n".join(lines) + "\n"
 

@@ -6,12 +6,17 @@ equal-size groups from the least to the most active users; a list of thresholds 
 group's metrics are RecBole's evaluator run on that group's rows alone, so they equal evaluating each group's
 users by themselves (tested). Works for full-sort ranking and labeled (CTR) evaluation, where rows are users or
 interactions; RecBole's sampled ranking modes (uniN, popN) score users per batch row and are not supported.
+
+Labeled evaluation also reports ``gauc``, overall and per group: RecBole's GAUC is a ranking metric that cannot
+run next to AUC and LogLoss, so :func:`labeled_gauc` ranks each user's own labeled rows as RecBole's collector
+ranks a full-sort row and hands them to RecBole's ``GAUC`` formula.
 """
 
 import numpy as np
 import torch
 from recbole.evaluator import Collector
 from recbole.evaluator.collector import DataStruct
+from recbole.evaluator.metrics import GAUC
 
 USER_ROWS = "data.uid"
 
@@ -60,9 +65,36 @@ class UserGroups:
             for key, value in struct._data_dict.items():
                 rows_aligned = isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == len(users)
                 part[key] = value[mask] if rows_aligned else value
-            metrics = evaluator.evaluate(part)
+            metrics = {**evaluator.evaluate(part), **labeled_gauc(part, evaluator.config)}
             results[name] = {"users": int(torch.unique(users[mask]).numel()), **{k: float(v) for k, v in metrics.items()}}
         return results
+
+
+def labeled_gauc(struct, config):
+    """``{'gauc': value}`` for labeled evaluation (``{}`` otherwise): each user's AUC over that user's rows,
+    weighted by the user's positives, over users with both labels (RecBole's GAUC)."""
+    if "data.label" not in struct or "rec.score" not in struct or USER_ROWS not in struct:
+        return {}
+    scores, labels, users = struct["rec.score"].float(), struct["data.label"], struct[USER_ROWS]
+    _, user_index, counts = torch.unique(users, return_inverse=True, return_counts=True)
+    positives = torch.zeros(len(counts)).index_add_(0, user_index, labels.float())
+    both_labels = (positives > 0) & (positives < counts)
+    if not bool(both_labels.any()):
+        return {"gauc": float("nan")}
+    # Each user's rows, best score first, padded with -inf: a full-sort score row as RecBole's collector sorts it.
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(user_index[order], stable=True)]
+    starts = torch.cumsum(counts, 0) - counts
+    column = torch.arange(len(order)) - starts[user_index[order]]
+    desc_scores = torch.full((len(counts), int(counts.max())), -torch.inf)
+    desc_labels = torch.zeros_like(desc_scores)
+    desc_scores[user_index[order], column] = scores[order]
+    desc_labels[user_index[order], column] = labels[order].float()
+    average_rank = Collector(config)._average_rank(desc_scores)
+    pos_rank_sum = (average_rank * desc_labels).sum(dim=1)
+    keep = both_labels.numpy()
+    value = GAUC(config).metric_info(pos_rank_sum.numpy()[keep], counts.numpy()[keep], positives.numpy()[keep])
+    return {"gauc": round(float(value), config["metric_decimal_place"])}
 
 
 def group_table(group_result):
@@ -118,6 +150,8 @@ class UserGroupEvaluationMixin:
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         result = super().evaluate(eval_data, load_best_model, model_file, show_progress)
         collector = self.eval_collector
+        if collector.last_struct is not None:
+            result.update(labeled_gauc(collector.last_struct, self.config))
         if collector.groups is not None and collector.last_struct is not None:
             self.group_result = collector.groups.evaluate(self.evaluator, collector.last_struct)
         return result
