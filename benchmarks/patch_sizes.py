@@ -25,7 +25,8 @@ def sizes(backbone, dataset):
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logging.getLogger().setLevel(logging.ERROR)
-    model = get_model("DCCL")(config, create_dataset(config))
+    train_dataset = create_dataset(config).build()[0]
+    model = get_model("DCCL")(config, train_dataset)
     rank = config["patch_rank"]
     widths = {name.replace("__", "."): patch.base_down.shape[0] for name, patch in model.patches.items()}
     return {

@@ -64,7 +64,7 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
     CLOUD_KEYS = (
         "dataset", "backbone", "protocol", "fresh_interactions", "rounds", "seed", "MAX_ITEM_LIST_LENGTH",
         "learner", "learning_rate", "weight_decay", "epochs", "train_batch_size", "stopping_step", "valid_metric",
-        "embedding_size", "hidden_size",
+        "embedding_size", "hidden_size", "mlp_hidden_size", "threshold",
     )
 
     def _pretrain_cloud(self, schedule, train_data, verbose, show_progress, callback_fn):
