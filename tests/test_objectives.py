@@ -32,3 +32,12 @@ def test_softmax_distillation_is_tau_squared_kl():
     student, teacher = torch.randn(4, 10), torch.randn(4, 10)
     expected = F.kl_div(F.log_softmax(student / 2, -1), F.log_softmax(teacher / 2, -1), log_target=True, reduction="none")
     assert torch.allclose(NextItemObjective.distill(student, teacher, 2.0), expected.sum(-1) * 4, atol=1e-6)
+
+
+def test_ctr_backbone_without_a_sigmoid_module_is_refused():
+    class ScoresWithTorchSigmoid(torch.nn.Module):
+        def predict(self, interaction):
+            return torch.sigmoid(interaction["x"])
+
+    with pytest.raises(ValueError, match=r"backbone: \[ScoresWithTorchSigmoid\] has no nn.Sigmoid module named 'sigmoid'"):
+        BinaryObjective(ScoresWithTorchSigmoid(), {"LABEL_FIELD": "label"})

@@ -5,9 +5,9 @@ Reference:
     https://arxiv.org/abs/2104.06624
 
 One model, two views. The **cloud** view is the backbone (any RecBole sequential or CTR model, W_f) exactly as
-RecBole runs it. The **device** view is the same backbone with a MetaPatch at each patch site whose weights are generated
-from the user's metapatch (looked up by ``USER_ID_FIELD``) through the global shared parameters Theta. The
-auxiliary encoder maps what the cloud knows of a user to a metapatch (MoMoDistill step 2, cold start).
+RecBole runs it. The **device** view is the same backbone with a MetaPatch at each patch site whose weights are
+generated from the user's metapatch (looked up by ``USER_ID_FIELD``) through the global shared parameters Theta.
+The auxiliary encoder maps what the cloud knows of a user to a metapatch (MoMoDistill step 2, cold start).
 """
 
 from contextlib import contextmanager
