@@ -6,7 +6,8 @@
 Each (variant, seed) cell is one ``run_recbole_dccl.py`` run writing its own result file; finished cells are
 not run again, so an interrupted benchmark resumes. All variants of a seed share one round-0 cloud model
 (``cloud_checkpoint``), so their differences are the devices' and MoMoDistill's alone. Extra ``--key=value``
-arguments go to every run. Writes ``summary.json`` and ``summary.md`` (mean and std over seeds) to ``--out``.
+arguments go to every run. Writes ``summary.json`` and ``summary.md`` (mean and std over seeds) to ``--out``:
+NDCG@10 and Hit@10 for sequential backbones, AUC, LogLoss and GAUC for CTR backbones (``--backbone=DeepFM``).
 """
 
 import argparse
