@@ -29,7 +29,7 @@ VARIANTS = {
     "patch": {"device_method": "patch"},  # a full per-user patch instead of a metapatch
     "selfdistill": {"device_method": "none"},  # MoMoDistill's loss with the cloud model as every device's teacher
 }
-METRICS = ("ndcg@10", "hit@10")
+RANKING_METRICS = ("ndcg@10", "hit@10")
 BOOTSTRAP_SAMPLES = 2000
 
 
@@ -57,6 +57,11 @@ def run_cell(args, passthrough, variant, overrides, seed):
         code = subprocess.call(command, stdout=file, stderr=subprocess.STDOUT, cwd=args.out)
     if code != 0:
         raise RuntimeError(f"{variant} seed {seed} failed (exit {code}); see {log}")
+
+
+def reported_metrics(result):
+    """NDCG@10 and Hit@10 of ranking runs; every metric of labeled (CTR) runs: AUC, LogLoss and GAUC."""
+    return [metric for metric in RANKING_METRICS if metric in result] or list(result)
 
 
 def load_cells(out, variants, seeds):
@@ -104,40 +109,54 @@ def paired_gain(results, baselines, metric, users=None, samples=BOOTSTRAP_SAMPLE
     return {"gain": float(point[0] / point[1] - 1), "ci95": [float(low), float(high)]}
 
 
+def seed_gain(results, baselines, metric, group=None):
+    """Per-seed relative change, mean ± std over seeds: for metrics without per-user values (labeled evaluation)."""
+    value = (lambda r: r["test"][metric]) if group is None else (lambda r: r["test_groups"][group][metric])
+    change = mean_std([value(result) / value(baseline) - 1 for result, baseline in zip(results, baselines)])
+    return {"gain": change["mean"], "std": change["std"]}
+
+
+def gain_over(results, baselines, metric, members=None, group=None):
+    """The paired per-user gain where the results hold per-user values of ``metric``, else :func:`seed_gain`."""
+    if not all(metric in result.get("test_users", {}) for result in results + baselines):
+        return seed_gain(results, baselines, metric, group)
+    users = None if group is None else [set(seed_members[group]) for seed_members in members]
+    return paired_gain(results, baselines, metric, users)
+
+
 def summarise(cells, variants, seeds):
     rows = model_rows(cells, variants, seeds)
     baselines = rows["cloud-only"]
+    metrics = reported_metrics(baselines[0]["test"])
     group_names = list(baselines[0]["test_groups"])
     members = [cells[variants[0], seed]["user_groups"] for seed in seeds]
-    summary = {"seeds": seeds, "variants": variants, "groups": group_names, "rows": {}}
+    summary = {"seeds": seeds, "variants": variants, "metrics": metrics, "groups": group_names, "rows": {}}
     for name, results in rows.items():
         row = {
-            split: {metric: mean_std([result[split][metric] for result in results]) for metric in METRICS}
+            split: {metric: mean_std([result[split][metric] for result in results]) for metric in metrics}
             for split in ("valid", "test")
         }
-        row["paired_gain"] = {metric: paired_gain(results, baselines, metric) for metric in METRICS}
+        row["paired_gain"] = {metric: gain_over(results, baselines, metric) for metric in metrics}
         row["groups"] = {}
         for group in group_names:
-            users = [set(seed_members[group]) for seed_members in members]
             row["groups"][group] = {
-                "test": {metric: mean_std([result["test_groups"][group][metric] for result in results]) for metric in METRICS},
-                "paired_gain": {metric: paired_gain(results, baselines, metric, users) for metric in METRICS},
+                "test": {metric: mean_std([result["test_groups"][group][metric] for result in results]) for metric in metrics},
+                "paired_gain": {metric: gain_over(results, baselines, metric, members, group) for metric in metrics},
             }
         if "data cloud" in rows and name != "data cloud":
             # The acceptance's second baseline: the model-over-data cloud of the same seed.
-            tail = [set(seed_members[group_names[0]]) for seed_members in members]
             row["paired_gain_vs_data"] = {
-                scope: {metric: paired_gain(results, rows["data cloud"], metric, users) for metric in METRICS}
-                for scope, users in (("all", None), ("least_active_group", tail))
+                scope: {metric: gain_over(results, rows["data cloud"], metric, members, group) for metric in metrics}
+                for scope, group in (("all", None), ("least_active_group", group_names[0]))
             }
         summary["rows"][name] = row
-    summary["rounds"] = round_curves(cells, variants, seeds)
-    summary["cold_start"] = cold_start_rows(cells, variants, seeds)
+    summary["rounds"] = round_curves(cells, variants, seeds, metrics[0])
+    summary["cold_start"] = cold_start_rows(cells, variants, seeds, metrics)
     return summary
 
 
-def round_curves(cells, variants, seeds):
-    """Per variant: the phases in order and the mean test NDCG@10 of each view after each of them."""
+def round_curves(cells, variants, seeds, metric):
+    """Per variant: the phases in order and the mean test ``metric`` of each view after each of them."""
     curves = {}
     for variant in variants:
         histories = [cells[variant, seed]["history"] for seed in seeds]
@@ -145,7 +164,7 @@ def round_curves(cells, variants, seeds):
         curves[variant] = {"phases": phases}
         for view in ("cloud", "device"):
             curves[variant][view] = [
-                statistics.fmean(history[step][view]["test"]["ndcg@10"] for history in histories) for step in range(len(phases))
+                statistics.fmean(history[step][view]["test"][metric] for history in histories) for step in range(len(phases))
             ]
     return curves
 
@@ -153,7 +172,7 @@ def round_curves(cells, variants, seeds):
 COLD_STARTS = ("cloud_only", "zero", "zero_finetuned", "encoder", "encoder_finetuned")
 
 
-def cold_start_rows(cells, variants, seeds):
+def cold_start_rows(cells, variants, seeds, metrics):
     """The cold users' metrics from each starting point (runs with ``cold_start_ratio``), and the per-seed gain
     against the same seed's cloud-only model on them."""
     rows = {}
@@ -166,9 +185,9 @@ def cold_start_rows(cells, variants, seeds):
             base = [report["cloud_only"] for report in reports]
             rows[f"{variant} {start}"] = {
                 "users": reports[0]["users"],
-                **{split: {metric: mean_std([r[split][metric] for r in results]) for metric in METRICS} for split in ("valid", "test")},
+                **{split: {metric: mean_std([r[split][metric] for r in results]) for metric in metrics} for split in ("valid", "test")},
                 "test_gain_vs_cloud_only": {
-                    metric: mean_std([r["test"][metric] / b["test"][metric] - 1 for r, b in zip(results, base)]) for metric in METRICS
+                    metric: mean_std([r["test"][metric] / b["test"][metric] - 1 for r, b in zip(results, base)]) for metric in metrics
                 },
             }
             if "adopted" in results[0]:
@@ -177,68 +196,75 @@ def cold_start_rows(cells, variants, seeds):
 
 
 def markdown(summary):
+    metrics, main = summary["metrics"], summary["metrics"][0]
     fmt = lambda s: f"{s['mean']:.4f} ± {s['std']:.4f}"
-    gain = lambda g: f"{100 * g['gain']:+.1f}% [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]"
+    ci = lambda g: f"[{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]" if "ci95" in g else f"± {100 * g['std']:.1f} per seed"
+    gain = lambda g: f"{100 * g['gain']:+.1f}% {ci(g)}"
     lines = [
-        f"{len(summary['seeds'])} seeds {summary['seeds']}; mean ± std over seeds; gain = paired per-user change of "
-        "the test metric vs the same seed's cloud-only model, over all seeds' users, with a 95% bootstrap interval.",
+        f"{len(summary['seeds'])} seeds {summary['seeds']}; mean ± std over seeds; gain vs the same seed's cloud-only "
+        "model: paired per user over all seeds' users with a 95% bootstrap interval [low, high] where the runs hold "
+        "per-user values (ranking metrics), else the per-seed relative change, mean ± std.",
         "",
-        "| model | valid NDCG@10 | test NDCG@10 | test Hit@10 | NDCG@10 gain [95% CI] | Hit@10 gain [95% CI] |",
-        "|---|---|---|---|---|---|",
+        f"| model | valid {main} | " + " | ".join(f"test {m}" for m in metrics) + " | "
+        + " | ".join(f"{m} gain" for m in metrics) + " |",
+        "|---" * (2 + 2 * len(metrics)) + "|",
     ]
     for name, row in summary["rows"].items():
         lines.append(
-            f"| {name} | {fmt(row['valid']['ndcg@10'])} | {fmt(row['test']['ndcg@10'])} | {fmt(row['test']['hit@10'])} "
-            f"| {gain(row['paired_gain']['ndcg@10'])} | {gain(row['paired_gain']['hit@10'])} |"
+            f"| {name} | {fmt(row['valid'][main])} | " + " | ".join(fmt(row["test"][m]) for m in metrics) + " | "
+            + " | ".join(gain(row["paired_gain"][m]) for m in metrics) + " |"
         )
     versus_data = {name: row["paired_gain_vs_data"] for name, row in summary["rows"].items() if "paired_gain_vs_data" in row}
     if versus_data:
-        lines += ["", f"Paired gain vs the model-over-data cloud (`data` variant) of the same seed [95% CI]; {summary['groups'][0]}:",
-                  "", "| model | NDCG@10 | Hit@10 | least-active NDCG@10 | least-active Hit@10 |", "|---|---|---|---|---|"]
+        lines += ["", f"Gain vs the model-over-data cloud (`data` variant) of the same seed; least active: {summary['groups'][0]}:",
+                  "", "| model | " + " | ".join(metrics) + " | " + " | ".join(f"least-active {m}" for m in metrics) + " |",
+                  "|---" * (1 + 2 * len(metrics)) + "|"]
         for name, gains in versus_data.items():
             scopes = (gains["all"], gains["least_active_group"])
-            lines.append(f"| {name} | " + " | ".join(gain(scope[metric]) for scope in scopes for metric in METRICS) + " |")
-    lines += ["", "Test NDCG@10 by user group (training interactions), paired gain vs cloud-only [95% CI]:", ""]
+            lines.append(f"| {name} | " + " | ".join(gain(scope[metric]) for scope in scopes for metric in metrics) + " |")
+    lines += ["", f"Test {main} by user group (training interactions), gain vs cloud-only:", ""]
     lines.append("| model | " + " | ".join(summary["groups"]) + " |")
     lines.append("|---" * (len(summary["groups"]) + 1) + "|")
     for name, row in summary["rows"].items():
         cells = [
-            f"{row['groups'][group]['test']['ndcg@10']['mean']:.4f} ({gain(row['groups'][group]['paired_gain']['ndcg@10'])})"
+            f"{row['groups'][group]['test'][main]['mean']:.4f} ({gain(row['groups'][group]['paired_gain'][main])})"
             for group in summary["groups"]
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if summary["cold_start"]:
         pct = lambda s: f"{100 * s['mean']:+.1f}% ± {100 * s['std']:.1f}"
-        lines += ["", "Cold-start users (the `cold` group, held out of all cloud training):", "",
-                  "| model | users | valid NDCG@10 | test NDCG@10 | test Hit@10 | test NDCG@10 gain (per seed) | test Hit@10 gain (per seed) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "Cold-start users (the `cold` group, held out of all cloud training); gain per seed:", "",
+                  f"| model | users | valid {main} | " + " | ".join(f"test {m}" for m in metrics) + " | "
+                  + " | ".join(f"{m} gain" for m in metrics) + " |",
+                  "|---" * (3 + 2 * len(metrics)) + "|"]
         for name, row in summary["cold_start"].items():
             change = row["test_gain_vs_cloud_only"]
             lines.append(
-                f"| {name} | {row['users']} | {fmt(row['valid']['ndcg@10'])} | {fmt(row['test']['ndcg@10'])} "
-                f"| {fmt(row['test']['hit@10'])} | {pct(change['ndcg@10'])} | {pct(change['hit@10'])} |"
+                f"| {name} | {row['users']} | {fmt(row['valid'][main])} | " + " | ".join(fmt(row["test"][m]) for m in metrics)
+                + " | " + " | ".join(pct(change[m]) for m in metrics) + " |"
             )
     return "\n".join(lines) + "\n"
 
 
 def plot(summary, out):
-    """``groups.png``: per-group test NDCG@10 of every row; ``rounds.png``: test NDCG@10 after every phase."""
+    """``groups.png``: per-group test metric (NDCG@10, or AUC for CTR) of every row; ``rounds.png``: the same after
+    every phase."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    groups, rows = summary["groups"], summary["rows"]
+    groups, rows, main = summary["groups"], summary["rows"], summary["metrics"][0]
     figure, axes = pyplot.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
     width = 0.8 / len(rows)
     for index, (name, row) in enumerate(rows.items()):
-        means = [row["groups"][group]["test"]["ndcg@10"]["mean"] for group in groups]
-        stds = [row["groups"][group]["test"]["ndcg@10"]["std"] for group in groups]
+        means = [row["groups"][group]["test"][main]["mean"] for group in groups]
+        stds = [row["groups"][group]["test"][main]["std"] for group in groups]
         positions = np.arange(len(groups)) + (index - (len(rows) - 1) / 2) * width
         axes.bar(positions, means, width, yerr=stds, label=name, capsize=2)
     axes.set_xticks(np.arange(len(groups)), [group.replace(" ", "\n", 1) for group in groups])
     axes.set_xlabel("user group (training interactions, least active first)")
-    axes.set_ylabel("test NDCG@10 (mean ± std over seeds)")
+    axes.set_ylabel(f"test {main} (mean ± std over seeds)")
     axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(os.path.join(out, "groups.png"), dpi=120)
@@ -254,7 +280,7 @@ def plot(summary, out):
             axes.plot(steps, curve["device"], marker="s", linestyle="--", label=f"{variant} device")
     axes.set_xticks(np.arange(len(longest)), longest, rotation=30, fontsize="small")
     axes.set_xlabel("round:phase")
-    axes.set_ylabel("test NDCG@10 (mean over seeds)")
+    axes.set_ylabel(f"test {main} (mean over seeds)")
     axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(os.path.join(out, "rounds.png"), dpi=120)

@@ -12,15 +12,11 @@ import os
 
 import yaml
 from recbole.config import Config
-from recbole.utils import ModelType
 
 from recbole_dccl.data import PROTOCOLS
 from recbole_dccl.distributed import init_process_group
+from recbole_dccl.model.families import family_of
 from recbole_dccl.utils import PROPERTIES_DIR, get_model
-
-FAMILY_YAML = {
-    ModelType.SEQUENTIAL: "sequential.yaml",
-}
 
 
 def dccl_defaults():
@@ -48,9 +44,10 @@ class DCCLConfig(Config):
         else:
             super()._load_internal_config_dict(model, model_class, dataset)
         self._update_internal_config_dict(os.path.join(PROPERTIES_DIR, "overall.yaml"))
-        family_yaml = FAMILY_YAML.get(self.internal_config_dict["MODEL_TYPE"])
-        if family_yaml is not None:
-            self._update_internal_config_dict(os.path.join(PROPERTIES_DIR, "quick_start_config", family_yaml))
+        family = family_of(self.backbone_class or model_class)
+        if family is not None:
+            yaml_file = os.path.join(PROPERTIES_DIR, "quick_start_config", family.quick_start_yaml)
+            self._update_internal_config_dict(yaml_file)
         if self.backbone_class is not None:
             self._update_internal_config_dict(os.path.join(PROPERTIES_DIR, "model", "DCCL.yaml"))
 

@@ -11,6 +11,10 @@ interactions; RecBole's sampled ranking modes (uniN, popN) score users per batch
 In a distributed run each rank evaluates its share of the rows; the collector gathers all ranks' rows before
 RecBole's evaluator runs, so every metric (overall and per group) is the one-process metric, on every rank.
 RecBole's own merge (``_map_reduce``, a mean of the ranks' metrics weighted by their number of batches) is skipped.
+
+Labeled evaluation also reports ``gauc``, overall and per group: RecBole's GAUC is a ranking metric that cannot
+run next to AUC and LogLoss, so :func:`labeled_gauc` ranks each user's own labeled rows as RecBole's collector
+ranks a full-sort row and hands them to RecBole's ``GAUC`` formula.
 """
 
 import inspect
@@ -20,6 +24,7 @@ import torch
 from recbole.evaluator import Collector
 from recbole.evaluator.base_metric import TopkMetric
 from recbole.evaluator.collector import DataStruct
+from recbole.evaluator.metrics import GAUC
 
 from recbole_dccl.distributed import gather_eval_rows, is_distributed, padded_samples
 
@@ -86,7 +91,7 @@ class UserGroups:
             for key, value in struct._data_dict.items():
                 rows_aligned = isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == len(users)
                 part[key] = value[mask] if rows_aligned else value
-            metrics = evaluator.evaluate(part)
+            metrics = {**evaluator.evaluate(part), **labeled_gauc(part, evaluator.config)}
             results[name] = {"users": int(torch.unique(users[mask]).numel()), **{k: float(v) for k, v in metrics.items()}}
         return results
 
@@ -103,6 +108,33 @@ def per_user_metrics(evaluator, struct):
             values = metric.metric_info(pos_index, pos_len) if takes_pos_len else metric.metric_info(pos_index)
             result.update({f"{name}@{k}": values[:, k - 1].tolist() for k in metric.topk})
     return {"users": struct[USER_ROWS].tolist(), **result} if result else {}
+
+
+def labeled_gauc(struct, config):
+    """``{'gauc': value}`` for labeled evaluation (``{}`` otherwise): each user's AUC over that user's rows,
+    weighted by the user's positives, over users with both labels (RecBole's GAUC)."""
+    if "data.label" not in struct or "rec.score" not in struct or USER_ROWS not in struct:
+        return {}
+    scores, labels, users = struct["rec.score"].float(), struct["data.label"], struct[USER_ROWS]
+    _, user_index, counts = torch.unique(users, return_inverse=True, return_counts=True)
+    positives = torch.zeros(len(counts)).index_add_(0, user_index, labels.float())
+    both_labels = (positives > 0) & (positives < counts)
+    if not bool(both_labels.any()):
+        return {"gauc": float("nan")}
+    # Each user's rows, best score first, padded with -inf: a full-sort score row as RecBole's collector sorts it.
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(user_index[order], stable=True)]
+    starts = torch.cumsum(counts, 0) - counts
+    column = torch.arange(len(order)) - starts[user_index[order]]
+    desc_scores = torch.full((len(counts), int(counts.max())), -torch.inf)
+    desc_labels = torch.zeros_like(desc_scores)
+    desc_scores[user_index[order], column] = scores[order]
+    desc_labels[user_index[order], column] = labels[order].float()
+    average_rank = Collector(config)._average_rank(desc_scores)
+    pos_rank_sum = (average_rank * desc_labels).sum(dim=1)
+    keep = both_labels.numpy()
+    value = GAUC(config).metric_info(pos_rank_sum.numpy()[keep], counts.numpy()[keep], positives.numpy()[keep])
+    return {"gauc": round(float(value), config["metric_decimal_place"])}
 
 
 def group_table(group_result):
@@ -164,6 +196,8 @@ class UserGroupEvaluationMixin:
         self.eval_collector.padded_rows = padded_samples(eval_data)
         result = super().evaluate(eval_data, load_best_model, model_file, show_progress)
         collector = self.eval_collector
+        if collector.last_struct is not None:
+            result.update(labeled_gauc(collector.last_struct, self.config))
         if collector.groups is not None and collector.last_struct is not None:
             self.group_result = collector.groups.evaluate(self.evaluator, collector.last_struct)
             self.user_result = per_user_metrics(self.evaluator, collector.last_struct)

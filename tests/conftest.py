@@ -31,7 +31,8 @@ TINY_SETTINGS = {
 
 
 def write_dataset(folder, name="tiny", users=30, items=40, with_profiles=True, seed=0):
-    """RecBole atomic files for ``users`` users with 10 to 25 time-ordered interactions each."""
+    """RecBole atomic files for ``users`` users with 10 to 25 time-ordered interactions each, and item features
+    (named as ml-100k's, which RecBole's feature-aware models select by default)."""
     rng = np.random.default_rng(seed)
     path = os.path.join(folder, name)
     os.makedirs(path, exist_ok=True)
@@ -47,6 +48,12 @@ def write_dataset(folder, name="tiny", users=30, items=40, with_profiles=True, s
             file.write("user_id:token\tage:token\tgender:token\n")
             for user in range(1, users + 1):
                 file.write(f"{user}\t{rng.integers(1, 5) * 10}\t{'MF'[user % 2]}\n")
+    item_rng = np.random.default_rng(seed + 1)
+    with open(os.path.join(path, f"{name}.item"), "w") as file:
+        file.write("item_id:token\trelease_year:token\tclass:token_seq\n")
+        for item in range(1, items + 1):
+            classes = " ".join(f"c{c}" for c in item_rng.choice(6, size=item_rng.integers(1, 3), replace=False))
+            file.write(f"{item}\t{1990 + item % 7}\t{classes}\n")
     return folder
 
 
@@ -61,3 +68,9 @@ def tiny_data(tmp_path, monkeypatch):
 def tiny_config(tiny_data, tmp_path):
     """config_dict for a DCCL run on the tiny dataset."""
     return {**TINY_SETTINGS, "data_path": tiny_data, "checkpoint_dir": str(tmp_path / "saved")}
+
+
+@pytest.fixture
+def ctr_config(tiny_config):
+    """config_dict for a DCCL run over a CTR backbone: every field loaded (ratings give the labels)."""
+    return {**tiny_config, "backbone": "DeepFM", "load_col": None, "mlp_hidden_size": [8, 8]}

@@ -23,9 +23,22 @@ def test_plain_recbole_model_runs_with_family_fix_only(tiny_config):
     assert "distill_weight" not in config  # DCCL.yaml is for DCCL only
 
 
-def test_unsupported_backbone_is_refused_with_families(tiny_config):
-    with pytest.raises(ValueError, match=r"backbone: \[BPR\] is a general model; DCCL wraps .*sequential"):
-        DCCLConfig(model="DCCL", dataset="tiny", config_dict={**tiny_config, "backbone": "BPR"})
+@pytest.mark.parametrize("backbone,kind", [("BPR", "general"), ("LightGCN", "general"), ("KGAT", "knowledge")])
+def test_unsupported_backbone_is_refused_with_families(tiny_config, backbone, kind):
+    with pytest.raises(
+        ValueError, match=rf"backbone: \[{backbone}\] is a {kind} model; DCCL wraps .*: sequential, context \(CTR\)"
+    ):
+        DCCLConfig(model="DCCL", dataset="tiny", config_dict={**tiny_config, "backbone": backbone})
+
+
+@pytest.mark.parametrize("model,backbone", [("DCCL", "DeepFM"), ("DCCL", "DIN"), ("DeepFM", None), ("DIN", None)])
+def test_ctr_models_get_labeled_time_ordered_evaluation(ctr_config, model, backbone):
+    config = DCCLConfig(model=model, dataset="tiny", config_dict={**ctr_config, "backbone": backbone or "DeepFM"})
+    assert config["eval_args"]["mode"] == {"valid": "labeled", "test": "labeled"}
+    assert config["eval_args"]["order"] == "TO" and config["eval_args"]["group_by"] == "user"
+    assert config["threshold"] == {"rating": 4}
+    assert config["valid_metric"] == "AUC" and config["metrics"] == ["AUC", "LogLoss"]
+    assert config["train_neg_sample_args"]["distribution"] == "none"
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
+from sklearn.metrics import roc_auc_score
 
 from recbole_dccl.evaluation import UserGroups
 from tests.helpers import build
@@ -49,3 +50,38 @@ def test_bad_group_spec_is_refused(tiny_config, spec):
     _, (train_data, _, _), _, _ = build(tiny_config, model="GRU4Rec")
     with pytest.raises(ValueError, match=r"user_groups: .* must be a positive number of equal-size groups"):
         UserGroups(spec, train_data.dataset)
+
+
+def test_labeled_group_metrics_equal_evaluating_each_group_alone(ctr_config):
+    config, (train_data, _, test_data), _, trainer = build({**ctr_config, "user_groups": 3}, model="DeepFM")
+    trainer.eval_collector.data_collect(train_data)
+    overall = trainer.evaluate(test_data, load_best_model=False)
+    assert set(overall) == {"auc", "logloss", "gauc"}
+    groups = trainer.group_result
+    collector_groups = trainer.eval_collector.groups
+    inter = test_data.dataset.inter_feat
+    for index, name in enumerate(collector_groups.names):
+        members = torch.nonzero(collector_groups.group_of_user == index).squeeze(1)
+        alone_data = test_data.dataset.copy(inter[torch.isin(inter["user_id"], members)])
+        loader = type(test_data)(config, alone_data, test_data._sampler, shuffle=False)
+        alone = trainer.evaluate(loader, load_best_model=False)
+        np.testing.assert_equal(  # equal, nan (no user of the group with both labels) included
+            {key: float(value) for key, value in alone.items()},
+            {key: value for key, value in groups[name].items() if key != "users"},
+        )
+
+
+def test_labeled_gauc_is_the_positive_weighted_mean_of_per_user_auc(ctr_config):
+    config, (train_data, _, test_data), _, trainer = build({**ctr_config, "metric_decimal_place": 10}, model="DeepFM")
+    trainer.eval_collector.data_collect(train_data)
+    result = trainer.evaluate(test_data, load_best_model=False)
+    struct = trainer.eval_collector.last_struct
+    scores, labels, users = struct["rec.score"].numpy(), struct["data.label"].numpy(), struct["data.uid"].numpy()
+    weighted, positives = 0.0, 0
+    for user in np.unique(users):
+        mine = users == user
+        if 0 < labels[mine].sum() < mine.sum():
+            weighted += roc_auc_score(labels[mine], scores[mine]) * labels[mine].sum()
+            positives += labels[mine].sum()
+    assert positives > 0
+    assert result["gauc"] == pytest.approx(weighted / positives, abs=1e-9)

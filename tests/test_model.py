@@ -49,3 +49,27 @@ def test_wrong_patch_site_lists_valid_names(tiny_config):
 def test_patch_sites_by_pattern(tiny_config):
     _, _, model, _ = build({**tiny_config, "backbone": "SASRec", "patch_sites": [r"backbone\.trm_encoder\.layer\.\d+"]})
     assert sorted(model.patches) == ["backbone__trm_encoder__layer__0"]
+
+
+def test_ctr_default_sites_are_the_hidden_layers_of_the_backbones_own_mlp(ctr_config):
+    _, _, model, _ = build({**ctr_config, "backbone": "DIN"})
+    # DIN's prediction MLP, not the MLP inside its attention layer
+    assert sorted(model.patches) == ["backbone__dnn_mlp_layers__mlp_layers__1", "backbone__dnn_mlp_layers__mlp_layers__5"]
+
+
+def test_ctr_backbone_without_mlp_needs_patch_sites(ctr_config):
+    with pytest.raises(ValueError, match=r"patch_sites: FM has no MLP .* Valid names: backbone, .*first_order_linear"):
+        build({**ctr_config, "backbone": "FM"})
+
+
+def test_ctr_fresh_device_model_equals_cloud_model(ctr_config):
+    config, (_, _, test_data), model, _ = build(ctr_config)
+    model.eval()
+    batch = eval_batch(test_data, config["device"])
+    model.view = "cloud"
+    cloud = model.predict(batch)
+    model.view = "device"
+    assert torch.equal(model.predict(batch), cloud)
+    with torch.no_grad():
+        model.metapatch.normal_()
+    assert not torch.allclose(model.predict(batch), cloud)

@@ -4,30 +4,25 @@ Reference:
     Jiangchao Yao et al. "Device-Cloud Collaborative Learning for Recommendation." in KDD 2021.
     https://arxiv.org/abs/2104.06624
 
-One model, two views. The **cloud** view is the backbone (any RecBole sequential model, W_f) exactly as RecBole
-runs it. The **device** view is the same backbone with a MetaPatch at each patch site whose weights are generated
-from the user's metapatch (looked up by ``USER_ID_FIELD``) through the global shared parameters Theta. The
-auxiliary encoder maps what the cloud knows of a user to a metapatch (MoMoDistill step 2, cold start). With
-``device_method: patch`` (an ablation) each user holds its patches' weights themselves instead of a metapatch.
+One model, two views. The **cloud** view is the backbone (any RecBole sequential or CTR model, W_f) exactly as
+RecBole runs it. The **device** view is the same backbone with a MetaPatch at each patch site whose weights are
+generated from the user's metapatch (looked up by ``USER_ID_FIELD``) through the global shared parameters Theta.
+The auxiliary encoder maps what the cloud knows of a user to a metapatch (MoMoDistill step 2, cold start).
+With ``device_method: patch`` (an ablation) each user holds its patches' weights themselves instead of a
+metapatch.
 """
 
 from contextlib import contextmanager
 
 import torch
 from recbole.model.abstract_recommender import AbstractRecommender
-from recbole.utils import ModelType
 from recbole.utils import get_model as recbole_get_model
 from torch import nn
 
 from recbole_dccl.model.encoder import AuxiliaryEncoder
+from recbole_dccl.model.families import FAMILIES, family_of
 from recbole_dccl.model.metapatch import MetaPatch, PatchContext, UserPatch, find_sites, site_output_dims, wrap_site
-from recbole_dccl.model.objectives import NextItemObjective
 
-# Family -> (default patch sites, objective). 'backbone' is the backbone module itself: its output is the
-# representation every sequential model scores items with.
-FAMILIES = {
-    ModelType.SEQUENTIAL: (["backbone"], NextItemObjective),
-}
 HISTORY_LENGTH = 50
 
 
@@ -41,11 +36,10 @@ class DCCL(AbstractRecommender):
     def backbone_class_for(name):
         """The RecBole class of backbone ``name``, refused with a clear message if DCCL cannot wrap it."""
         backbone_class = recbole_get_model(name)
-        if backbone_class.type not in FAMILIES:
-            supported = ", ".join(family.name.lower() for family in FAMILIES)
+        if family_of(backbone_class) is None:
             raise ValueError(
                 f"backbone: [{name}] is a {backbone_class.type.name.lower()} model; "
-                f"DCCL wraps RecBole models of these families: {supported}."
+                f"DCCL wraps RecBole models of these families: {', '.join(FAMILIES)} (CTR)."
             )
         return backbone_class
 
@@ -55,11 +49,11 @@ class DCCL(AbstractRecommender):
         self.type = backbone_class.type
         self.USER_ID = config["USER_ID_FIELD"]
         self.backbone = backbone_class(config, dataset)
-        default_sites, objective = FAMILIES[self.type]
-        self.objective = objective(self.backbone)
+        family = family_of(backbone_class)
+        self.objective = family.objective(self.backbone, config)
         self.view = "cloud"
 
-        sites = find_sites(self.backbone, "backbone", config["patch_sites"] or default_sites)
+        sites = find_sites(self.backbone, "backbone", config["patch_sites"] or family.default_sites(self.backbone))
         dims = site_output_dims(sites, lambda: self._dry_run(dataset))
         self.patches, metapatch_dim = self._build_patches(config, dims)
         self.context = PatchContext()

@@ -5,7 +5,9 @@ on them, and the per-row distillation term ``tau^2 * KL(teacher || student)`` of
 Per-row values let the device phase average each user's loss over that user's rows only.
 """
 
+import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 class NextItemObjective:
@@ -15,7 +17,7 @@ class NextItemObjective:
     (SASRec, GRU4Rec, NARM, ...) are exactly the logits of their training loss.
     """
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, config):
         self.backbone = backbone
         self.target_field = backbone.POS_ITEM_ID
 
@@ -31,4 +33,45 @@ class NextItemObjective:
         teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
         student = F.log_softmax(student_logits / temperature, dim=-1)
         kl = (teacher.exp() * (teacher - student)).sum(dim=-1)
+        return kl * temperature**2
+
+
+class BinaryObjective:
+    """CTR backbones: the probability that a row's label (``LABEL_FIELD``, e.g. from RecBole's ``threshold``) is 1.
+
+    The logit is the input of the backbone's ``sigmoid`` module while it runs ``predict``: RecBole's CTR models
+    all score with ``self.sigmoid(logit)``, some in ``predict`` (DeepFM, DIN, ...), some in ``forward`` (DCNV2),
+    so this one rule reads the logit of every one of them, before any sigmoid. The distillation term is the KL
+    between the teacher's and the student's Bernoulli outputs at temperature ``tau``.
+    """
+
+    def __init__(self, backbone, config):
+        self.backbone = backbone
+        self.label_field = config["LABEL_FIELD"]
+        self.sigmoid = getattr(backbone, "sigmoid", None)
+        if not isinstance(self.sigmoid, nn.Sigmoid):
+            raise ValueError(
+                f"backbone: [{type(backbone).__name__}] has no nn.Sigmoid module named 'sigmoid' producing its "
+                "predictions, which is where DCCL reads a CTR model's logit."
+            )
+
+    def logits(self, interaction):
+        captured = []
+        handle = self.sigmoid.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+        try:
+            self.backbone.predict(interaction)
+        finally:
+            handle.remove()
+        return captured[-1].reshape(len(interaction))
+
+    def loss(self, logits, interaction):
+        return F.binary_cross_entropy_with_logits(logits, interaction[self.label_field].float(), reduction="none")
+
+    @staticmethod
+    def distill(student_logits, teacher_logits, temperature):
+        teacher, student = teacher_logits / temperature, student_logits / temperature
+        teacher_p = torch.sigmoid(teacher)
+        kl = teacher_p * (F.logsigmoid(teacher) - F.logsigmoid(student)) + (1 - teacher_p) * (
+            F.logsigmoid(-teacher) - F.logsigmoid(-student)
+        )
         return kl * temperature**2

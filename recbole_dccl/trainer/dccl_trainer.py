@@ -79,7 +79,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
     CLOUD_KEYS = (
         "dataset", "backbone", "protocol", "fresh_interactions", "rounds", "cold_start_ratio", "seed", "MAX_ITEM_LIST_LENGTH",
         "learner", "learning_rate", "weight_decay", "epochs", "train_batch_size", "stopping_step", "valid_metric",
-        "embedding_size", "hidden_size",
+        "embedding_size", "hidden_size", "mlp_hidden_size", "threshold",
     )
 
     def _pretrain_cloud(self, schedule, train_data, verbose, show_progress, callback_fn):
