@@ -16,6 +16,8 @@ from recbole.evaluator import Collector
 from recbole.evaluator.base_metric import TopkMetric
 from recbole.evaluator.collector import DataStruct
 
+from recbole_dccl.errors import InputError
+
 USER_ROWS = "data.uid"
 
 
@@ -35,7 +37,7 @@ class UserGroups:
         elif isinstance(spec, (list, tuple)) and spec and all(isinstance(t, (int, float)) for t in spec):
             group[active] = np.searchsorted(np.asarray(sorted(spec)), counts[active], side="right")
         else:
-            raise ValueError(
+            raise InputError(
                 f"user_groups: [{spec}] must be a positive number of equal-size groups (e.g. 5) "
                 "or a list of interaction-count thresholds (e.g. [10, 50])."
             )
