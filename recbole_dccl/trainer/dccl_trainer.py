@@ -12,9 +12,11 @@ from recbole.utils import dict2str, set_color
 from recbole_dccl.config import dccl_defaults
 from recbole_dccl.data import RoundSchedule
 from recbole_dccl.evaluation import UserGroupEvaluationMixin
-from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, plain, save_atomic
+from recbole_dccl.errors import NonFiniteLoss
+from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, check_identity, load_safe, plain, save_atomic
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
+from recbole_dccl.trainer.resume import ResumedRun, run_state_file, save_run_state
 
 
 class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
@@ -24,7 +26,10 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
         # device_method none: no device phase and no step 2; the device view is the cloud view.
         self.has_devices = config["device_method"] != "none"
         self.history = []
+        self.best = {}
         self.phase_seconds = {}
+        self.teachers = self.round_loader = None  # of the round being run
+        self.resumed = self.run_state_file = None
         self.report = None
         self.verbose, self.show_progress = True, False
 
@@ -32,36 +37,66 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
             test_data=None):
         """Run round 0 and the DCCL rounds. Returns RecBole's ``(best_valid_score, best_valid_result)`` of the
         device view; :attr:`report` holds cloud-only, DCCL cloud and DCCL device results and the history. With
-        ``test_data``, every phase is also scored on test (selection still uses valid only)."""
+        ``test_data``, every phase is also scored on test (selection still uses valid only). After every phase the
+        run state is saved (with ``saved``); with ``resume`` set, the phases its file has done are skipped."""
         self.verbose, self.show_progress = verbose, show_progress
         self.valid_data, self.test_data = valid_data, test_data
         schedule = RoundSchedule(self.config, train_data)
+        self.eval_collector.data_collect(train_data)  # user groups by all training interactions
+        self._start_run_state(saved)
 
-        self._pretrain_cloud(schedule, train_data, verbose, show_progress, callback_fn)
-        self.eval_collector.data_collect(train_data)  # user groups by all training interactions, not round 0's
-        best = self._record(0, "cloud")
+        self._phase(0, "cloud", lambda: self._pretrain_cloud(schedule, train_data, verbose, show_progress, callback_fn))
         for round_idx in range(1, self.config["rounds"] + 1):
             device_rows = schedule.device_rows(round_idx)
-            loader = schedule.loader(device_rows)
             self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
+            self.round_loader = schedule.loader(device_rows)
             if self.has_devices:
-                self._device_phase(round_idx, train_data.dataset, device_rows)
-                best = self._record(round_idx, "device", best, changed=("device",))
-            teachers = DeviceTeachers(self.model)
-            self._momodistill(round_idx, loader, teachers)
-            best = self._record(round_idx, "momodistill", best)
+                device_phase = lambda: self._device_phase(round_idx, train_data.dataset, device_rows)
+                self._phase(round_idx, "device", device_phase, changed=("device",))
+            self._phase(round_idx, "momodistill", lambda: self._momodistill(round_idx))
             if self.has_devices:
-                self._learn_shared_parameters(round_idx, loader, teachers)
-                best = self._record(round_idx, "shared", best, changed=("device",))
+                self._phase(round_idx, "shared", lambda: self._learn_shared_parameters(round_idx), changed=("device",))
 
+        best = self.best
         self.model.load_state_dict(best["device_state"])
         self.model.view = "device"
+        self.best_valid_score = best["device"]["score"]
+        self.best_valid_result = best["device"]["valid"]
         if saved:
             self._save_checkpoint(best["device"]["round"], verbose=verbose)
         self.report = self._report(best)
-        self.best_valid_score = best["device"]["score"]
-        self.best_valid_result = best["device"]["valid"]
         return self.best_valid_score, self.best_valid_result
+
+    def _start_run_state(self, saved):
+        """Where the run state goes after each phase (the resumed file, if any), and what a resumed run has done."""
+        self.resumed = None
+        if self.config["resume"]:
+            self.resumed = ResumedRun(self.config["resume"], self._settings())
+            self.resumed.restore_bookkeeping(self)
+            self._log(f"resuming from {self.resumed.path}: round {self.resumed.done_until[0]} {self.resumed.state['phase']} is done")
+        self.run_state_file = None
+        if saved:
+            self.run_state_file = self.resumed.path if self.resumed else run_state_file(self.saved_model_file)
+
+    def _phase(self, round_idx, phase, run, changed=None):
+        """Run ``phase`` of round ``round_idx``, score the views it ``changed`` and save the run state; a phase the
+        resumed run has done is skipped, and the first one it has not runs on the restored state."""
+        if self.resumed is not None:
+            if self.resumed.done(round_idx, phase):
+                return
+            self.resumed.restore_training(self, round_idx)
+            self.resumed = None
+        try:
+            run()
+        except NonFiniteLoss as error:
+            kept = f"the run state after the last completed phase is kept in [{self.run_state_file}]"
+            raise NonFiniteLoss(
+                f"round {round_idx} {phase}: {error}; training stopped, "
+                + (kept if self.run_state_file and os.path.isfile(self.run_state_file) else "no phase completed before it")
+            ) from None
+        self.best = self._record(round_idx, phase, self.best, changed)
+        if self.run_state_file:
+            save_run_state(self.run_state_file, self, round_idx, phase, self._settings())
 
     # Phases ---------------------------------------------------------------------------------------------------
 
@@ -86,13 +121,9 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
             self._log(f"round 0 cloud model written to {path}")
 
     def _load_cloud(self, path):
-        checkpoint = torch.load(path, map_location=self.device, weights_only=True)
+        checkpoint = load_safe(path, "cloud_checkpoint")
         identity = {key: plain(self.config[key]) for key in self.CLOUD_KEYS}
-        differs = {key: (value, identity[key]) for key, value in checkpoint["identity"].items() if identity.get(key) != value}
-        if differs:
-            raise ValueError(
-                f"cloud_checkpoint: [{path}] was trained with other settings (file value, this run): {differs}"
-            )
+        check_identity("cloud_checkpoint", path, checkpoint["identity"], identity)
         self.model.load_state_dict(checkpoint["state_dict"], strict=False)
         self._log(f"round 0: cloud model loaded from {path}")
 
@@ -111,6 +142,7 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
         loader = schedule.loader(schedule.cloud_rows()) if self.config["protocol"] == "incremental" else train_data
         self._log(f"round 0: training the cloud model on {len(loader.dataset)} rows")
         super().fit(loader, self.valid_data, verbose=verbose, saved=False, show_progress=show_progress, callback_fn=keep_best)
+        self.eval_collector.data_collect(train_data)  # RecBole's fit collected round 0's rows only
         if best_state:
             self.model.load_state_dict(best_state["state"])
         self.phase_seconds["round 0 cloud"] = time() - start
@@ -130,21 +162,22 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
             f"adopted their patch: {int(result.adopted.sum())}]"
         )
 
-    def _momodistill(self, round_idx, loader, teachers):
+    def _momodistill(self, round_idx):
         start = time()
+        self.teachers = DeviceTeachers(self.model)
         optimizer = self._build_optimizer(params=self.model.backbone.parameters())
         weight = self.config["distill_weight"] if self.config["cloud_method"] == "momodistill" else 0
         for epoch in range(self.config["cloud_epochs"]):
-            loss = distill_cloud_epoch(self.model, loader, optimizer, teachers, weight, self.config)
+            loss = distill_cloud_epoch(self.model, self.round_loader, optimizer, self.teachers, weight, self.config)
             self._log(f"round {round_idx} momodistill epoch {epoch} [train loss: {loss:.4f}]")
         self.phase_seconds[f"round {round_idx} momodistill"] = time() - start
 
-    def _learn_shared_parameters(self, round_idx, loader, teachers):
+    def _learn_shared_parameters(self, round_idx):
         start = time()
         params = list(self.model.patches.parameters()) + list(self.model.encoder.parameters())
         optimizer = self._build_optimizer(params=params, learning_rate=self.config["shared_learning_rate"])
         for epoch in range(self.config["shared_epochs"]):
-            loss = shared_parameters_epoch(self.model, loader, optimizer, teachers, self.config)
+            loss = shared_parameters_epoch(self.model, self.round_loader, optimizer, self.teachers, self.config)
             self._log(f"round {round_idx} shared parameters epoch {epoch} [train loss: {loss:.4f}]")
         with torch.no_grad():
             users = torch.arange(len(self.model.metapatch), device=self.device)
@@ -195,18 +228,27 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
     def _better(self, score, best_score):
         return score > best_score if self.valid_metric_bigger else score < best_score
 
+    def _settings(self):
+        """The settings a run is reported with and a resumed run must agree on, as plain values."""
+        keys = [*dccl_defaults(), *self.CLOUD_KEYS, "user_groups"]
+        return {key: plain(self.config[key]) for key in keys}
+
     def _report(self, best):
         strip = lambda scores: {key: value for key, value in scores.items() if key != "score"}
-        keys = [*dccl_defaults(), *self.CLOUD_KEYS, "user_groups"]
         return {
             "cloud_only": strip(best["cloud_only"]),
             "dccl_cloud": strip(best["cloud"]),
             "dccl_device": strip(best["device"]),
             "history": self.history,
             "user_groups": self.eval_collector.groups.members(),
-            "config": {key: plain(self.config[key]) for key in keys},
+            "config": self._settings(),
             "phase_seconds": self.phase_seconds,
         }
+
+    def _check_nan(self, loss):
+        """RecBole's round-0 check, for inf as well as nan."""
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"the cloud model's training loss is {loss.item()}")
 
     def _log(self, message):
         if self.verbose:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from recbole_dccl.data import positions_from_newest
+from recbole_dccl.errors import NonFiniteLoss
 from recbole_dccl.trainer.progress import progress
 
 
@@ -170,9 +171,10 @@ def personalise(model, local, start, settings, seed):
         metapatch = start.clone().requires_grad_(True)
         adam = PerDeviceAdam(metapatch, settings.learning_rate)
         generator = torch.Generator().manual_seed(seed)
-        for _ in progress(range(settings.epochs), "Devices", settings.show_progress):
+        for epoch in progress(range(settings.epochs), "Devices", settings.show_progress):
             rows, position = epoch_order(local, train_rows, generator)
             step_of_row = position // settings.batch_size
+            epoch_loss = torch.zeros((), device=metapatch.device)
             for step in range(int(step_of_row.max()) + 1 if len(rows) else 0):
                 step_rows = rows[step_of_row == step]
                 count = torch.bincount(local.owner[step_rows], minlength=len(local.users))
@@ -180,10 +182,13 @@ def personalise(model, local, start, settings, seed):
                 for chunk in chunks(step_rows, settings.chunk_size):
                     losses = row_losses(model, local, chunk, metapatch)
                     (losses / count[local.owner[chunk]]).sum().backward()
+                    epoch_loss += losses.detach().sum()
                 if settings.l2:
                     pull = ((metapatch - start) ** 2).sum(dim=1)
                     (settings.l2 * pull[count > 0]).sum().backward()
                 adam.step(metapatch, metapatch.grad, count > 0)
+            if not torch.isfinite(epoch_loss):  # one check per epoch: no extra device sync per step
+                raise NonFiniteLoss(f"the devices' training loss is {epoch_loss.item()} in local epoch {epoch}")
             if every_epoch:
                 guard.consider(metapatch)
         if guard is None:
