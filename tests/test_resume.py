@@ -71,6 +71,36 @@ def test_killed_run_resumes_to_the_uninterrupted_results(tiny_config, tmp_path):
     assert len(glob.glob(os.path.join(saved, "*-run.pth"))) == 1
 
 
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("device_method,crashing_phase", [("metapatch", "_learn_shared_parameters"), ("none", "_momodistill")])
+def test_run_resumed_after_a_crash_equals_the_uninterrupted_run(tiny_config, device_method, crashing_phase):
+    """In one process, quicker than the kill test: a crash in round 2 resumes from the phase before it, in the same
+    round (the loader position and the teachers are restored) or, without device phases, in round 1."""
+    settings = {**tiny_config, "rounds": 2, "device_method": device_method}
+    _, (train_data, valid_data, test_data), _, reference = build(settings)
+    reference.fit(train_data, valid_data, saved=False, test_data=test_data)
+
+    _, (train_data, valid_data, test_data), _, crashing = build(settings)
+    run_phase = getattr(crashing, crashing_phase)
+
+    def crash_in_round_2(round_idx):
+        if round_idx == 2:
+            raise Crash
+        return run_phase(round_idx)
+
+    setattr(crashing, crashing_phase, crash_in_round_2)
+    with pytest.raises(Crash):
+        crashing.fit(train_data, valid_data, saved=True, test_data=test_data)
+
+    _, (train_data, valid_data, test_data), _, resumed = build({**settings, "resume": crashing.run_state_file})
+    resumed.fit(train_data, valid_data, saved=True, test_data=test_data)
+    assert resumed.history == reference.history
+    assert resumed.report["dccl_device"] == reference.report["dccl_device"]
+
+
 NAN = float("nan")
 NAN_IN_PHASE = {
     "cloud": (DCCL, "calculate_loss", lambda self, interaction: self.metapatch.sum() * NAN),
