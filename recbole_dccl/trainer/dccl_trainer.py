@@ -73,7 +73,8 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
         if self.config["resume"]:
             self.resumed = ResumedRun(self.config["resume"], self._settings())
             self.resumed.restore_bookkeeping(self)
-            self._log(f"resuming from {self.resumed.path}: round {self.resumed.done_until[0]} {self.resumed.state['phase']} is done")
+            done = f"round {self.resumed.state['round']} {self.resumed.state['phase']}"
+            self._log(f"resuming from {self.resumed.path}: done up to {done}")
         self.run_state_file = None
         if saved:
             self.run_state_file = self.resumed.path if self.resumed else run_state_file(self.saved_model_file)
@@ -89,10 +90,11 @@ class DCCLTrainer(UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
         try:
             run()
         except NonFiniteLoss as error:
-            kept = f"the run state after the last completed phase is kept in [{self.run_state_file}]"
+            kept = self.run_state_file and os.path.isfile(self.run_state_file)
             raise NonFiniteLoss(
                 f"round {round_idx} {phase}: {error}; training stopped, "
-                + (kept if self.run_state_file and os.path.isfile(self.run_state_file) else "no phase completed before it")
+                + (f"the run state after the last completed phase is kept in [{self.run_state_file}]" if kept
+                   else "no run state was written before it")
             ) from None
         self.best = self._record(round_idx, phase, self.best, changed)
         if self.run_state_file:
