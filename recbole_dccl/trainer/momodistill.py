@@ -30,12 +30,13 @@ class DeviceTeachers:
     @torch.no_grad()
     def logits(self, interaction):
         metapatch = self.state["uploaded_metapatch"][interaction[self.model.USER_ID]]
-        training = self.model.training
+        modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         try:
             return functional_call(self.model, self.state, (interaction, metapatch))
-        finally:
-            self.model.train(training)
+        finally:  # each module's own mode: step 2 keeps the backbone in eval mode inside a training model
+            for module, training in modes:
+                module.training = training
 
 
 def _run_epoch(model, loader, optimizer, loss_fn, config, description):

@@ -115,6 +115,7 @@ class ResumedRun:
         ``round_idx``; if that is the file's round, also the round's loader position and teachers."""
         state = self.state
         trainer.model.load_state_dict(state["model"])
+        trainer.model.eval()  # as the file's run left it: every phase ends with an evaluation
         trainer.optimizer.load_state_dict(state["optimizer"])
         if state["round"] == round_idx:
             trainer.round_loader.generator.set_state(state["loader_generator"])
