@@ -16,6 +16,7 @@ from recbole.config import Config
 from recbole_dccl.data import PROTOCOLS
 from recbole_dccl.distributed import init_process_group
 from recbole_dccl.model.families import family_of
+from recbole_dccl.errors import InputError
 from recbole_dccl.utils import PROPERTIES_DIR, get_model
 
 
@@ -63,6 +64,7 @@ class DCCLConfig(Config):
             self.model_class = model_class
         if self.backbone_class is not None:
             validate_dccl_settings(self.final_config_dict)
+            validate_data_fields(self.final_config_dict)
 
     def _init_device(self):
         if "local_rank" not in self.final_config_dict:
@@ -83,6 +85,11 @@ _NON_NEGATIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) an
 _POSITIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")
 _NON_NEGATIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0")
 SETTING_RULES = {
+    # RecBole's own keys, as round 0 uses them
+    "epochs": _POSITIVE_INT,
+    "learning_rate": _POSITIVE,
+    "train_batch_size": _POSITIVE_INT,
+    # DCCL's keys (properties/model/DCCL.yaml); a phase's epochs may be 0 to leave the phase out
     "protocol": (lambda v: v in PROTOCOLS, f"one of {list(PROTOCOLS)}"),
     "device_method": (lambda v: v in ("none", "patch", "metapatch"), "one of ['none', 'patch', 'metapatch']"),
     "cloud_method": (lambda v: v in ("data", "momodistill"), "one of ['data', 'momodistill']"),
@@ -108,6 +115,7 @@ SETTING_RULES = {
     "shared_ce_weight": _NON_NEGATIVE,
     "encoder_embedding_size": _POSITIVE_INT,
     "encoder_hidden_size": _POSITIVE_INT,
+    "resume": (lambda v: v is None or (isinstance(v, str) and os.path.exists(v)), "None or an existing run-state file or folder"),
 }
 
 
@@ -115,12 +123,39 @@ def validate_dccl_settings(settings):
     """Refuse bad DCCL settings before any data is loaded, naming the key, the value and what is valid."""
     for key, (is_valid, valid) in SETTING_RULES.items():
         if not is_valid(settings.get(key)):
-            raise ValueError(f"{key}: [{settings.get(key)!r}] is not valid; it must be {valid}.")
+            raise InputError(f"{key}: [{settings.get(key)!r}] is not valid; it must be {valid}.")
     if settings.get("result_file"):
         folder = os.path.dirname(os.path.abspath(settings["result_file"]))
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as error:
-            raise ValueError(f"result_file: [{settings['result_file']}] cannot be written: {error}") from None
+            raise InputError(f"result_file: [{settings['result_file']}] cannot be written: {error}") from None
         if not os.access(folder, os.W_OK):
-            raise ValueError(f"result_file: [{settings['result_file']}] cannot be written: {folder} is not writable")
+            raise InputError(f"result_file: [{settings['result_file']}] cannot be written: {folder} is not writable")
+
+
+def validate_data_fields(settings):
+    """Refuse data DCCL cannot use before RecBole loads it (RecBole would fail later with a bare ``KeyError``):
+    DCCL keeps one device model per user, and a sequential backbone orders each user's interactions by time.
+    Reads only the header of the ``.inter`` file; a dataset RecBole has yet to download is checked by RecBole."""
+    parts = settings.get("benchmark_filename")
+    name = f"{settings['dataset']}.{parts[0]}.inter" if parts else f"{settings['dataset']}.inter"
+    path = os.path.join(settings["data_path"], name)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding=settings.get("encoding") or "utf-8") as file:
+        columns = [column.split(":")[0] for column in file.readline().rstrip("\r\n").split(settings["field_separator"])]
+    load_col, unload_col = settings.get("load_col"), settings.get("unload_col")
+    if isinstance(load_col, dict) and isinstance(load_col.get("inter"), list):
+        columns = [column for column in columns if column in load_col["inter"]]
+    if isinstance(unload_col, dict) and isinstance(unload_col.get("inter"), list):
+        columns = [column for column in columns if column not in unload_col["inter"]]
+    needed = {"USER_ID_FIELD": "DCCL keeps one device model per user"}
+    if settings["MODEL_TYPE"] == ModelType.SEQUENTIAL:
+        needed["TIME_FIELD"] = "a sequential backbone orders each user's interactions by time"
+    for key, why in needed.items():
+        if settings.get(key) not in columns:
+            raise InputError(
+                f"{key}: [{settings.get(key)}] is not a column loaded from [{path}] (loaded: {columns}); {why}. "
+                f"It must name one of the loaded columns (see also load_col)."
+            )

@@ -28,6 +28,8 @@ from recbole.evaluator.metrics import GAUC
 
 from recbole_dccl.distributed import gather_eval_rows, is_distributed, padded_samples
 
+from recbole_dccl.errors import InputError
+
 USER_ROWS = "data.uid"
 # What the collector gathers per evaluated row (RecBole's per-evaluation keys, and the rows' users).
 ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", USER_ROWS)
@@ -49,7 +51,7 @@ class UserGroups:
         elif isinstance(spec, (list, tuple)) and spec and all(isinstance(t, (int, float)) for t in spec):
             group[active] = np.searchsorted(np.asarray(sorted(spec)), counts[active], side="right")
         else:
-            raise ValueError(
+            raise InputError(
                 f"user_groups: [{spec}] must be a positive number of equal-size groups (e.g. 5) "
                 "or a list of interaction-count thresholds (e.g. [10, 50])."
             )

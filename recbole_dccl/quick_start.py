@@ -14,6 +14,7 @@ from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_dccl.config import DCCLConfig
 from recbole_dccl.distributed import is_main_process, launch
+from recbole_dccl.errors import InputError, NonFiniteLoss
 from recbole_dccl.evaluation import group_table
 from recbole_dccl.trainer.checkpoint import write_atomic
 from recbole_dccl.utils import get_model, get_trainer
@@ -105,12 +106,17 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """The command line; a bad setting or file, or a diverged loss, ends it with its message and status 2."""
     args = parse_args(argv)
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None
-    run(
-        model=args.model, dataset=args.dataset, config_file_list=config_file_list, nproc=args.nproc,
-        world_size=args.world_size, ip=args.ip, port=args.port, group_offset=args.group_offset,
-    )
+    try:
+        run(
+            model=args.model, dataset=args.dataset, config_file_list=config_file_list, nproc=args.nproc,
+            world_size=args.world_size, ip=args.ip, port=args.port, group_offset=args.group_offset,
+        )
+    except (InputError, NonFiniteLoss) as error:
+        print(f"run_recbole_dccl: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,8 +3,11 @@
 import importlib
 import os
 
+import recbole.model
 from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
+
+from recbole_dccl.errors import InputError
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # Installed, the YAML defaults live in the package; in a source checkout, in the top-level properties/.
@@ -21,7 +24,22 @@ def get_model(model_name):
         from recbole_dccl.model.dccl import DCCL
 
         return DCCL
-    return recbole_get_model(model_name)
+    return recbole_model_class(model_name, "model", "DCCL or the name of a RecBole model, e.g. SASRec")
+
+
+def recbole_model_class(name, key, valid):
+    """RecBole's class of model ``name``, read from config ``key``; ``valid`` says what the key accepts.
+
+    RecBole's own look-up reports an unknown name as a missing ``lightgbm`` (it imports its optional-library
+    package while searching), so we look for the model's module file first."""
+    model_dir = recbole.model.__path__[0]
+    packages = [entry.name for entry in os.scandir(model_dir) if entry.name.endswith("_recommender")]
+    if not any(os.path.isfile(os.path.join(model_dir, package, name.lower() + ".py")) for package in packages):
+        raise InputError(f"{key}: [{name}] is not a model RecBole has; it must be {valid}.")
+    try:
+        return recbole_get_model(name)
+    except AttributeError:  # the module exists under the lower-case name, the class is spelt differently
+        raise InputError(f"{key}: [{name}] is not a model RecBole has (names are case-sensitive); it must be {valid}.") from None
 
 
 def get_trainer(model_type, model_name):

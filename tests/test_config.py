@@ -1,7 +1,16 @@
+import logging
+import os
+import subprocess
+import sys
+
 import pytest
 from recbole.utils import InputType, ModelType
 
 from recbole_dccl.config import DCCLConfig
+from recbole_dccl.errors import InputError
+from recbole_dccl.model.dccl import DCCL
+from tests.conftest import TINY_SETTINGS, write_dataset
+from tests.helpers import build
 
 
 def test_dccl_takes_type_and_defaults_from_backbone(tiny_config):
@@ -69,3 +78,61 @@ def test_unwritable_result_file_is_refused(tiny_config, tmp_path):
     blocker.write_text("")
     with pytest.raises(ValueError, match="result_file: .* cannot be written"):
         DCCLConfig(model="DCCL", dataset="tiny", config_dict={**tiny_config, "result_file": str(blocker / "r.json")})
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("backbone", "Nope", r"backbone: \[Nope\] is not a model RecBole has; it must be a RecBole model of these families: sequential"),
+        ("backbone", "gru4rec", r"backbone: \[gru4rec\] is not a model RecBole has \(names are case-sensitive\)"),
+        ("epochs", 0, r"epochs: \[0\] is not valid; it must be a positive integer"),
+        ("learning_rate", -0.001, r"learning_rate: \[-0.001\] is not valid; it must be a number > 0"),
+        ("train_batch_size", 0, r"train_batch_size: \[0\] is not valid; it must be a positive integer"),
+        ("resume", "no/such/run-state.pth", r"resume: \['no/such/run-state.pth'\] is not valid; it must be None or an existing"),
+    ],
+)
+def test_bad_backbone_and_round_0_settings_are_refused(tiny_config, key, value, message):
+    with pytest.raises(InputError, match=message):
+        DCCLConfig(model="DCCL", dataset="tiny", config_dict={**tiny_config, key: value})
+
+
+def test_unknown_model_is_refused_by_name(tiny_config):
+    with pytest.raises(InputError, match=r"model: \[Nope\] is not a model RecBole has; it must be DCCL or the name"):
+        DCCLConfig(model="Nope", dataset="tiny", config_dict=tiny_config)
+
+
+@pytest.mark.parametrize(
+    "columns,key,field,why",
+    [
+        (["item_id", "timestamp"], "USER_ID_FIELD", "user_id", "DCCL keeps one device model per user"),
+        (["user_id", "item_id"], "TIME_FIELD", "timestamp", "a sequential backbone orders each user's interactions by time"),
+    ],
+)
+def test_data_without_user_or_time_field_is_refused_before_loading(tiny_config, columns, key, field, why):
+    settings = {**tiny_config, "load_col": {"inter": columns}}
+    message = rf"{key}: \[{field}\] is not a column loaded from \[.*tiny\.inter\] \(loaded: .*\); {why}"
+    with pytest.raises(InputError, match=message):
+        DCCLConfig(model="DCCL", dataset="tiny", config_dict=settings)
+
+
+def test_data_without_profiles_runs_with_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    data = write_dataset(str(tmp_path / "data"), with_profiles=False)
+    config, (train_data, _, _), _, _ = build({**TINY_SETTINGS, "data_path": data, "checkpoint_dir": str(tmp_path)})
+    logging.getLogger().setLevel(logging.WARNING)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        model = DCCL(config, train_data.dataset)
+    assert [record.message for record in caplog.records if "profile" in record.message] == [
+        "DCCL: the dataset has no .user profile features; the encoder runs without them."
+    ]
+    assert not model.encoder.has_profile
+
+
+def test_command_line_exits_non_zero_with_the_message(tiny_data, tmp_path):
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_recbole_dccl.py")
+    args = [sys.executable, script, "--model=DCCL", "--dataset=tiny", f"--data_path={tiny_data}", "--rounds=0"]
+    finished = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
+    assert finished.returncode == 2
+    assert "run_recbole_dccl: error: rounds: [0] is not valid; it must be a positive integer." in finished.stderr
+    assert "Traceback" not in finished.stderr

@@ -16,12 +16,13 @@ from contextlib import contextmanager
 
 import torch
 from recbole.model.abstract_recommender import AbstractRecommender
-from recbole.utils import get_model as recbole_get_model
 from torch import nn
 
+from recbole_dccl.errors import InputError
 from recbole_dccl.model.encoder import AuxiliaryEncoder
 from recbole_dccl.model.families import FAMILIES, family_of
 from recbole_dccl.model.metapatch import MetaPatch, PatchContext, UserPatch, find_sites, site_output_dims, wrap_site
+from recbole_dccl.utils import recbole_model_class
 
 HISTORY_LENGTH = 50
 
@@ -35,9 +36,10 @@ class DCCL(AbstractRecommender):
     @staticmethod
     def backbone_class_for(name):
         """The RecBole class of backbone ``name``, refused with a clear message if DCCL cannot wrap it."""
-        backbone_class = recbole_get_model(name)
+        supported = ", ".join(FAMILIES)
+        backbone_class = recbole_model_class(name, "backbone", f"a RecBole model of these families: {supported} (CTR)")
         if family_of(backbone_class) is None:
-            raise ValueError(
+            raise InputError(
                 f"backbone: [{name}] is a {backbone_class.type.name.lower()} model; "
                 f"DCCL wraps RecBole models of these families: {', '.join(FAMILIES)} (CTR)."
             )

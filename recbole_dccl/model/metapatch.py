@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from recbole_dccl.errors import InputError
+
 
 class ResidualBottleneck(nn.Module):
     """``z + gelu(z @ D) @ U`` with per-row ``D`` (``d x r``) and ``U`` (``r x d``) from :meth:`weights`.
@@ -113,7 +115,7 @@ def find_sites(root, root_name, patterns):
     for pattern in patterns:
         matched = [name for name in modules if name == pattern or re.fullmatch(pattern, name)]
         if not matched:
-            raise ValueError(
+            raise InputError(
                 f"patch_sites: [{pattern}] matches no module of the backbone. Valid names: {', '.join(modules)}"
             )
         sites.update((name, modules[name]) for name in matched)
@@ -145,7 +147,7 @@ def site_output_dims(sites, run):
         def forward(*args, **kwargs):
             output = original(*args, **kwargs)
             if not isinstance(output, torch.Tensor):
-                raise ValueError(
+                raise InputError(
                     f"patch_sites: [{name}] returns {type(output).__name__}, not a tensor; "
                     "choose a module whose output is one tensor."
                 )
@@ -163,5 +165,5 @@ def site_output_dims(sites, run):
             del module.forward  # back to the class's forward
     missing = [name for name in sites if name not in dims]
     if missing:
-        raise ValueError(f"patch_sites: {missing} never run when the backbone scores a batch; choose modules on its path.")
+        raise InputError(f"patch_sites: {missing} never run when the backbone scores a batch; choose modules on its path.")
     return dims

@@ -3,16 +3,21 @@
 RecBole 1.2.1 pickles its whole ``Config`` into every checkpoint, which torch>=2.6 refuses to load by default
 (``weights_only=True``). We store the config as plain values instead, so RecBole's own
 ``evaluate(load_best_model=True)`` and ``resume_checkpoint`` load our files safely, unchanged. Files are written
-to a temporary name and renamed, so a crash never leaves a half-written checkpoint.
+to a temporary name and renamed, so a crash never leaves a half-written checkpoint. Every file we read back
+(``cloud_checkpoint``, ``resume``) goes through :func:`load_safe`: a file holding anything but tensors and plain
+values is refused before any of it runs.
 """
 
 import enum
 import os
+import pickle
+import re
 
 import torch
 from recbole.utils import set_color
 
 from recbole_dccl.distributed import is_main_process
+from recbole_dccl.errors import InputError
 
 
 def plain(value):
@@ -39,6 +44,31 @@ def write_atomic(path, write):
 def save_atomic(state, path):
     """``torch.save`` ``state`` to ``path`` atomically."""
     write_atomic(path, lambda temporary: torch.save(state, temporary))
+
+
+def load_safe(path, key):
+    """``torch.load(path, weights_only=True)`` onto the CPU; a file that is not one of our checkpoints is refused
+    with an :class:`InputError` naming config ``key`` and the file. Unpickling stops at the first object that is
+    not a tensor or a plain value, so nothing in a tampered or foreign file is executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = re.search(r"WeightsUnpickler error:\s*(.*?\.?)(?:\s\s|\. |\n|$)", str(error))
+        raise InputError(
+            f"{key}: [{path}] is refused: it is not a file of tensors and plain values only "
+            f"({reason.group(1) if reason else 'weights-only load failed'}), so it is no checkpoint of ours, or an "
+            "altered one. Nothing in it was run."
+        ) from None
+    except (RuntimeError, EOFError, KeyError, OSError) as error:
+        raise InputError(f"{key}: [{path}] cannot be read as a checkpoint: {type(error).__name__}: {error}") from None
+
+
+def check_identity(key, path, written, current):
+    """Refuse checkpoint ``path`` (read from config ``key``) when the settings it was ``written`` with differ from
+    the ``current`` run's."""
+    differs = {name: (written.get(name), value) for name, value in current.items() if written.get(name) != value}
+    if differs:
+        raise InputError(f"{key}: [{path}] was written with other settings (file value, this run): {differs}")
 
 
 class SafeCheckpointMixin:

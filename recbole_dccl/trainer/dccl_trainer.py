@@ -15,10 +15,12 @@ from recbole_dccl.distributed import (
     DistributedTrainerMixin, gather_user_rows, is_main_process, sum_over_ranks, user_share,
 )
 from recbole_dccl.evaluation import UserGroupEvaluationMixin
-from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, plain, save_atomic
+from recbole_dccl.errors import NonFiniteLoss
+from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, check_identity, load_safe, plain, save_atomic
 from recbole_dccl.trainer.cold_start import COLD_GROUP, cold_start_report, cold_start_table
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
+from recbole_dccl.trainer.resume import ResumedRun, run_state_file, save_run_state
 
 
 class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
@@ -28,7 +30,10 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         # device_method none: no device phase and no step 2; the device view is the cloud view.
         self.has_devices = config["device_method"] != "none"
         self.history = []
+        self.best = {}
         self.phase_seconds = {}
+        self.teachers = self.round_loader = None  # of the round being run
+        self.resumed = self.run_state_file = None
         self.report = None
         self.cold_start = None
         self.verbose, self.show_progress = True, False
@@ -37,41 +42,81 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             test_data=None):
         """Run round 0 and the DCCL rounds. Returns RecBole's ``(best_valid_score, best_valid_result)`` of the
         device view; :attr:`report` holds cloud-only, DCCL cloud and DCCL device results and the history. With
-        ``test_data``, every phase is also scored on test (selection still uses valid only)."""
+        ``test_data``, every phase is also scored on test (selection still uses valid only). After every phase the
+        run state is saved (with ``saved``); with ``resume`` set, the phases its file has done are skipped."""
         self.verbose, self.show_progress = verbose, show_progress
         self.valid_data, self.test_data = valid_data, test_data
         schedule = RoundSchedule(self.config, train_data)
+        self._collect_user_groups(schedule, train_data)
+        self._start_run_state(saved)
 
-        self._pretrain_cloud(schedule, train_data, verbose, show_progress, callback_fn)
-        self.eval_collector.data_collect(train_data)  # user groups by all training interactions, not round 0's
-        if len(schedule.cold_users):
-            self.eval_collector.groups.add(COLD_GROUP, schedule.cold_users)
-        best = self._record(0, "cloud")
+        def round_zero():
+            self._pretrain_cloud(schedule, train_data, verbose, show_progress, callback_fn)
+            self._collect_user_groups(schedule, train_data)  # RecBole's fit collected round 0's rows only
+
+        self._phase(0, "cloud", round_zero)
         for round_idx in range(1, self.config["rounds"] + 1):
             device_rows = schedule.device_rows(round_idx)
-            loader = schedule.loader(device_rows)
             self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
+            self.round_loader = schedule.loader(device_rows)
             if self.has_devices:
-                self._device_phase(round_idx, train_data.dataset, device_rows)
-                best = self._record(round_idx, "device", best, changed=("device",))
-            teachers = DeviceTeachers(self.model)
-            self._momodistill(round_idx, loader, teachers)
-            best = self._record(round_idx, "momodistill", best)
+                device_phase = lambda: self._device_phase(round_idx, train_data.dataset, device_rows)
+                self._phase(round_idx, "device", device_phase, changed=("device",))
+            self._phase(round_idx, "momodistill", lambda: self._momodistill(round_idx))
             if self.has_devices:
-                self._learn_shared_parameters(round_idx, loader, teachers)
-                best = self._record(round_idx, "shared", best, changed=("device",))
+                self._phase(round_idx, "shared", lambda: self._learn_shared_parameters(round_idx), changed=("device",))
         if len(schedule.cold_users) and self.has_devices:
             self.cold_start = cold_start_report(self, schedule, train_data.dataset, self.config["seed"] + self.config["rounds"] + 1)
             self._log(cold_start_table(self.cold_start, self.valid_metric))
 
+        best = self.best
         self.model.load_state_dict(best["device_state"])
         self.model.view = "device"
+        self.best_valid_score = best["device"]["score"]
+        self.best_valid_result = best["device"]["valid"]
         if saved:
             self._save_checkpoint(best["device"]["round"], verbose=verbose)
         self.report = self._report(best)
-        self.best_valid_score = best["device"]["score"]
-        self.best_valid_result = best["device"]["valid"]
         return self.best_valid_score, self.best_valid_result
+
+    def _collect_user_groups(self, schedule, train_data):
+        """User groups by all training interactions, plus the cold-start users as a group of their own."""
+        self.eval_collector.data_collect(train_data)
+        if len(schedule.cold_users):
+            self.eval_collector.groups.add(COLD_GROUP, schedule.cold_users)
+
+    def _start_run_state(self, saved):
+        """Where the run state goes after each phase (the resumed file, if any), and what a resumed run has done."""
+        self.resumed = None
+        if self.config["resume"]:
+            self.resumed = ResumedRun(self.config["resume"], self._settings())
+            self.resumed.restore_bookkeeping(self)
+            done = f"round {self.resumed.state['round']} {self.resumed.state['phase']}"
+            self._log(f"resuming from {self.resumed.path}: done up to {done}")
+        self.run_state_file = None
+        if saved:
+            self.run_state_file = self.resumed.path if self.resumed else run_state_file(self.saved_model_file)
+
+    def _phase(self, round_idx, phase, run, changed=None):
+        """Run ``phase`` of round ``round_idx``, score the views it ``changed`` and save the run state; a phase the
+        resumed run has done is skipped, and the first one it has not runs on the restored state."""
+        if self.resumed is not None:
+            if self.resumed.done(round_idx, phase):
+                return
+            self.resumed.restore_training(self, round_idx)
+            self.resumed = None
+        try:
+            run()
+        except NonFiniteLoss as error:
+            kept = self.run_state_file and os.path.isfile(self.run_state_file)
+            raise NonFiniteLoss(
+                f"round {round_idx} {phase}: {error}; training stopped, "
+                + (f"the run state after the last completed phase is kept in [{self.run_state_file}]" if kept
+                   else "no run state was written before it")
+            ) from None
+        self.best = self._record(round_idx, phase, self.best, changed)
+        if self.run_state_file and is_main_process(self.config):
+            save_run_state(self.run_state_file, self, round_idx, phase, self._settings())
 
     # Phases ---------------------------------------------------------------------------------------------------
 
@@ -96,15 +141,11 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             self._log(f"round 0 cloud model written to {path}")
 
     def _load_cloud(self, path):
-        checkpoint = torch.load(path, map_location=self.device, weights_only=True)
+        checkpoint = load_safe(path, "cloud_checkpoint")
         identity = {key: plain(self.config[key]) for key in self.CLOUD_KEYS}
         # A key the file predates had its default value then.
         stored = {key: checkpoint["identity"].get(key, dccl_defaults().get(key)) for key in identity}
-        differs = {key: (value, identity[key]) for key, value in stored.items() if identity[key] != value}
-        if differs:
-            raise ValueError(
-                f"cloud_checkpoint: [{path}] was trained with other settings (file value, this run): {differs}"
-            )
+        check_identity("cloud_checkpoint", path, stored, identity)
         self.model.load_state_dict(checkpoint["state_dict"], strict=False)
         self._log(f"round 0: cloud model loaded from {path}")
 
@@ -124,6 +165,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         loader = train_data if len(rows) == len(train_data.dataset) else schedule.loader(rows)
         self._log(f"round 0: training the cloud model on {len(loader.dataset)} rows")
         super().fit(loader, self.valid_data, verbose=verbose, saved=False, show_progress=show_progress, callback_fn=keep_best)
+        self.eval_collector.data_collect(train_data)  # RecBole's fit collected round 0's rows only
         if best_state:
             self.model.load_state_dict(best_state["state"])
         self.phase_seconds["round 0 cloud"] = time() - start
@@ -145,21 +187,22 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             f"adopted their patch: {int(adopted)}]"
         )
 
-    def _momodistill(self, round_idx, loader, teachers):
+    def _momodistill(self, round_idx):
         start = time()
+        self.teachers = DeviceTeachers(self.model)
         optimizer = self._build_optimizer(params=self.model.backbone.parameters())
         weight = self.config["distill_weight"] if self.config["cloud_method"] == "momodistill" else 0
         for epoch in range(self.config["cloud_epochs"]):
-            loss = distill_cloud_epoch(self.model, loader, optimizer, teachers, weight, self.config)
+            loss = distill_cloud_epoch(self.model, self.round_loader, optimizer, self.teachers, weight, self.config)
             self._log(f"round {round_idx} momodistill epoch {epoch} [train loss: {loss:.4f}]")
         self.phase_seconds[f"round {round_idx} momodistill"] = time() - start
 
-    def _learn_shared_parameters(self, round_idx, loader, teachers):
+    def _learn_shared_parameters(self, round_idx):
         start = time()
         params = list(self.model.patches.parameters()) + list(self.model.encoder.parameters())
         optimizer = self._build_optimizer(params=params, learning_rate=self.config["shared_learning_rate"])
         for epoch in range(self.config["shared_epochs"]):
-            loss = shared_parameters_epoch(self.model, loader, optimizer, teachers, self.config)
+            loss = shared_parameters_epoch(self.model, self.round_loader, optimizer, self.teachers, self.config)
             self._log(f"round {round_idx} shared parameters epoch {epoch} [train loss: {loss:.4f}]")
         with torch.no_grad():
             users = torch.arange(len(self.model.metapatch), device=self.device)
@@ -210,19 +253,28 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
     def _better(self, score, best_score):
         return score > best_score if self.valid_metric_bigger else score < best_score
 
+    def _settings(self):
+        """The settings a run is reported with and a resumed run must agree on, as plain values."""
+        keys = [*dccl_defaults(), *self.CLOUD_KEYS, "user_groups"]
+        return {key: plain(self.config[key]) for key in keys}
+
     def _report(self, best):
         strip = lambda scores: {key: value for key, value in scores.items() if key != "score"}
-        keys = [*dccl_defaults(), *self.CLOUD_KEYS, "user_groups"]
         return {
             "cloud_only": strip(best["cloud_only"]),
             "dccl_cloud": strip(best["cloud"]),
             "dccl_device": strip(best["device"]),
             "history": self.history,
             "user_groups": self.eval_collector.groups.members(),
-            "config": {key: plain(self.config[key]) for key in keys},
+            "config": self._settings(),
             "phase_seconds": self.phase_seconds,
             **({"cold_start": self.cold_start} if self.cold_start else {}),
         }
+
+    def _check_nan(self, loss):
+        """RecBole's round-0 check, for inf as well as nan."""
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"the cloud model's training loss is {loss.item()}")
 
     def _log(self, message):
         if self.verbose:

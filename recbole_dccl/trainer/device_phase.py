@@ -25,6 +25,7 @@ import torch
 from recbole.data.interaction import Interaction
 
 from recbole_dccl.data import positions_from_newest
+from recbole_dccl.errors import NonFiniteLoss
 from recbole_dccl.trainer.progress import progress
 from recbole_dccl.trainer.site_cache import SiteCache, replaying
 
@@ -271,6 +272,7 @@ def personalise_group(model, local, start, keys, settings):
     adam = PerDeviceAdam(metapatch, settings.learning_rate)
     for epoch in range(settings.epochs):
         rows, steps = epoch_steps(local, train_rows, keys[epoch][train_rows], settings.batch_size)
+        epoch_loss = torch.zeros((), device=metapatch.device)
         for step, (first, end) in enumerate(steps):
             in_step = (counts - step * settings.batch_size).clamp(0, settings.batch_size)
             active = int((in_step > 0).sum())
@@ -278,9 +280,12 @@ def personalise_group(model, local, start, keys, settings):
             for chunk in chunks(rows[first:end], settings.chunk_size):
                 losses = row_losses(model, local, chunk, trained)
                 (losses / in_step[local.owner[chunk]]).sum().backward()
+                epoch_loss += losses.detach().sum()
             if settings.l2:
                 (settings.l2 * ((trained - start[:active]) ** 2).sum()).backward()
             adam.step(metapatch, trained.grad, active)
+        if not torch.isfinite(epoch_loss):  # one check per epoch: no extra device sync per step
+            raise NonFiniteLoss(f"the devices' training loss is {epoch_loss.item()} in local epoch {epoch}")
         if every_epoch:
             guard.consider(metapatch)
     if guard is None:

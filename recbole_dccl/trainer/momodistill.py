@@ -9,30 +9,36 @@ The teachers are the model as the device phase left it, frozen: its state is cop
 gradients of what the step trains (W_f in step 1, Theta and g in step 2).
 """
 
+import math
+
 import torch
 from torch.func import functional_call
 
 from recbole_dccl.distributed import advance_epoch, data_parallel
+from recbole_dccl.errors import NonFiniteLoss
 from recbole_dccl.trainer.device_phase import frozen
 from recbole_dccl.trainer.progress import progress
 
 
 class DeviceTeachers:
-    """The round's device models (backbone, Theta and uploaded metapatches as they are now), frozen."""
+    """The round's device models (backbone, Theta and uploaded metapatches as they are now, or as ``state``
+    holds them when a run resumes), frozen."""
 
-    def __init__(self, model):
+    def __init__(self, model, state=None):
         self.model = model
-        self.state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        state = model.state_dict() if state is None else state
+        self.state = {name: value.detach().clone() for name, value in state.items()}
 
     @torch.no_grad()
     def logits(self, interaction):
         metapatch = self.state["uploaded_metapatch"][interaction[self.model.USER_ID]]
-        training = self.model.training
+        modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         try:
             return functional_call(self.model, self.state, (interaction, metapatch))
-        finally:
-            self.model.train(training)
+        finally:  # each module's own mode: step 2 keeps the backbone in eval mode inside a training model
+            for module, training in modes:
+                module.training = training
 
 
 def _run_epoch(model, loader, optimizer, loss_fn, config, description):
@@ -41,12 +47,15 @@ def _run_epoch(model, loader, optimizer, loss_fn, config, description):
     for interaction in progress(loader, description, config["show_progress"], total=len(loader)):
         interaction = interaction.to(device)
         loss = loss_fn(interaction)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the {description} training loss is {value}")
         optimizer.zero_grad()
         loss.backward()
         if clip_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], **clip_grad_norm)
         optimizer.step()
-        total += loss.item()
+        total += value
     return total
 
 

@@ -1,0 +1,39 @@
+"""RecBole's dataset download, with two fixes installed when ``recbole_dccl`` is imported.
+
+* ``dataset_url`` (``properties/overall.yaml``): where to download a dataset that is not under ``data_path``
+  (a ``.zip`` of atomic files, as RecBole's own ``url.yaml`` lists them). ``None`` keeps RecBole's address for the
+  dataset's name; a mirror, an intranet copy or a test server can be named instead.
+* RecBole 1.2.1's ``Dataset._download`` ends with ``torch.distributed.barrier()``, which raises in a
+  single-process run, right after the files were downloaded (RecBole issues #1989, #2050). Outside a distributed
+  run there is no one to wait for, so the barrier is skipped there; distributed runs keep it.
+
+RecBole's own downloader (``recbole.utils.url``) still does the work: size check, download, unzip, renaming.
+"""
+
+import torch
+from recbole.data.dataset import Dataset
+
+_recbole_download = Dataset._download
+_recbole_download_url = Dataset._get_download_url
+
+
+def _get_download_url(self, url_file, allow_none=False):
+    if url_file == "url" and self.config["dataset_url"]:
+        return self.config["dataset_url"]
+    return _recbole_download_url(self, url_file, allow_none)
+
+
+def _download(self):
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        return _recbole_download(self)
+    barrier = torch.distributed.barrier
+    torch.distributed.barrier = lambda *args, **kwargs: None
+    try:
+        return _recbole_download(self)
+    finally:
+        torch.distributed.barrier = barrier
+
+
+Dataset._get_download_url = _get_download_url
+Dataset._download = _download

@@ -1,0 +1,164 @@
+"""Run state after every phase: a run killed mid-round resumes to the same results; a nan stops a phase and keeps
+the last good state; a run state from other settings is refused."""
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from recbole_dccl.errors import InputError, NonFiniteLoss
+from recbole_dccl.model.dccl import DCCL
+from recbole_dccl.model.objectives import NextItemObjective
+from recbole_dccl.trainer import device_phase
+from recbole_dccl.trainer.checkpoint import load_safe
+from tests.helpers import build
+
+RUN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_recbole_dccl.py")
+MID_ROUND = ("device", "momodistill")
+
+
+def command(config_file, *extra):
+    return [sys.executable, RUN_SCRIPT, "--model=DCCL", "--dataset=tiny", f"--config_files={config_file}", *extra]
+
+
+def run_state(folder):
+    files = glob.glob(os.path.join(folder, "*-run.pth"))
+    return load_safe(files[0], "resume") if files else None
+
+
+def results(path):
+    with open(path) as file:
+        written = json.load(file)
+    return {key: written[key] for key in ("cloud_only", "dccl_cloud", "dccl_device", "history", "test_result")}
+
+
+def test_killed_run_resumes_to_the_uninterrupted_results(tiny_config, tmp_path):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump({**tiny_config, "rounds": 2, "checkpoint_dir": None}))
+    reference, resumed = tmp_path / "reference.json", tmp_path / "resumed.json"
+    subprocess.run(
+        command(config_file, f"--result_file={reference}", f"--checkpoint_dir={tmp_path / 'saved_reference'}"),
+        cwd=tmp_path, check=True, capture_output=True,
+    )
+
+    saved = str(tmp_path / "saved")
+    args = command(config_file, f"--result_file={resumed}", f"--checkpoint_dir={saved}")
+    run = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while run.poll() is None:
+            state = run_state(saved)
+            if state is not None and state["round"] >= 1 and state["phase"] in MID_ROUND:
+                run.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+    finally:
+        run.wait()
+    assert run.returncode == -signal.SIGKILL, "the run ended before a mid-round run state was written"
+    assert not resumed.exists()
+    killed_at = run_state(saved)
+    assert (killed_at["round"], killed_at["phase"]) != (2, "shared"), "nothing was left to resume"
+
+    subprocess.run(args + [f"--resume={saved}"], cwd=tmp_path, check=True, capture_output=True)
+    assert results(resumed) == results(reference), f"resumed after round {killed_at['round']} {killed_at['phase']}"
+    final, expected = run_state(saved)["model"], run_state(str(tmp_path / "saved_reference"))["model"]
+    assert all(torch.equal(final[name], expected[name]) for name in expected)
+    assert len(glob.glob(os.path.join(saved, "*-run.pth"))) == 1
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("device_method,crashing_phase", [("metapatch", "_learn_shared_parameters"), ("none", "_momodistill")])
+def test_run_resumed_after_a_crash_equals_the_uninterrupted_run(tiny_config, device_method, crashing_phase):
+    """In one process, quicker than the kill test: a crash in round 2 resumes from the phase before it, in the same
+    round (the loader position and the teachers are restored) or, without device phases, in round 1."""
+    # Several batches per round, so the order the round's loader shuffles them in matters.
+    settings = {**tiny_config, "rounds": 2, "device_method": device_method, "train_batch_size": 16}
+    _, (train_data, valid_data, test_data), _, reference = build(settings)
+    reference.fit(train_data, valid_data, saved=True, test_data=test_data)
+
+    _, (train_data, valid_data, test_data), _, crashing = build(settings)
+    run_phase = getattr(crashing, crashing_phase)
+
+    def crash_in_round_2(round_idx):
+        if round_idx == 2:
+            raise Crash
+        return run_phase(round_idx)
+
+    setattr(crashing, crashing_phase, crash_in_round_2)
+    with pytest.raises(Crash):
+        crashing.fit(train_data, valid_data, saved=True, test_data=test_data)
+
+    _, (train_data, valid_data, test_data), _, resumed = build({**settings, "resume": crashing.run_state_file})
+    resumed.fit(train_data, valid_data, saved=True, test_data=test_data)
+    assert resumed.history == reference.history
+    assert resumed.report["dccl_device"] == reference.report["dccl_device"]
+    # The weights at the end, not only the (coarse) ranking metrics of 30 users.
+    final, expected = (load_safe(trainer.run_state_file, "resume")["model"] for trainer in (resumed, reference))
+    assert [name for name in expected if not torch.equal(final[name], expected[name])] == []
+
+
+NAN = float("nan")
+NAN_IN_PHASE = {
+    "cloud": (DCCL, "calculate_loss", lambda self, interaction: self.metapatch.sum() * NAN),
+    "device": (device_phase, "row_losses", lambda model, local, rows, metapatch: metapatch[local.owner[rows]].sum(1) * NAN),
+    "momodistill": (NextItemObjective, "distill", staticmethod(lambda student, teacher, temperature: student.sum(1) * NAN)),
+    "shared": (DCCL, "encode_metapatch", lambda self, users: self.metapatch[users] * NAN),
+}
+BEFORE = {"device": (0, "cloud"), "momodistill": (1, "device"), "shared": (1, "momodistill")}
+
+
+@pytest.mark.parametrize("phase", list(NAN_IN_PHASE))
+def test_nan_loss_stops_the_phase_and_keeps_the_last_good_state(tiny_config, monkeypatch, phase):
+    config, (train_data, valid_data, _), model, trainer = build({**tiny_config, "rounds": 1})
+    monkeypatch.setattr(*NAN_IN_PHASE[phase])
+    round_idx = 0 if phase == "cloud" else 1
+    with pytest.raises(NonFiniteLoss, match=rf"round {round_idx} {phase}: .* loss is nan.*; training stopped") as error:
+        trainer.fit(train_data, valid_data, saved=True)
+    if phase == "cloud":
+        assert "no run state was written before it" in str(error.value)
+        return
+    assert f"kept in [{trainer.run_state_file}]" in str(error.value)
+    state = load_safe(trainer.run_state_file, "resume")
+    assert (state["round"], state["phase"]) == BEFORE[phase]
+
+
+def test_run_after_a_nan_resumes_from_the_last_good_state(tiny_config, monkeypatch):
+    config, (train_data, valid_data, _), _, trainer = build({**tiny_config, "rounds": 1})
+    with monkeypatch.context() as patch:
+        patch.setattr(*NAN_IN_PHASE["shared"])
+        with pytest.raises(NonFiniteLoss):
+            trainer.fit(train_data, valid_data, saved=True)
+    _, _, _, resumed = build({**tiny_config, "rounds": 1, "resume": trainer.run_state_file})
+    resumed.fit(train_data, valid_data, saved=True)
+    assert [(entry["round"], entry["phase"]) for entry in resumed.history] == [
+        (0, "cloud"), (1, "device"), (1, "momodistill"), (1, "shared"),
+    ]
+    assert torch.isfinite(resumed.model.metapatch).all()
+
+
+def test_run_state_of_other_settings_is_refused(tiny_config):
+    config, (train_data, valid_data, _), _, trainer = build({**tiny_config, "rounds": 1})
+    trainer.fit(train_data, valid_data, saved=True)
+    path = trainer.run_state_file
+    _, _, _, other = build({**tiny_config, "rounds": 1, "device_learning_rate": 0.5, "resume": path})
+    message = rf"resume: \[{re.escape(path)}\] was written with other settings .*'device_learning_rate': \(0.05, 0.5\)"
+    with pytest.raises(InputError, match=message):
+        other.fit(train_data, valid_data, saved=True)
+
+
+def test_resume_folder_without_run_state_is_refused(tiny_config, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _, (train_data, valid_data, _), _, trainer = build({**tiny_config, "resume": str(empty)})
+    with pytest.raises(InputError, match=r"resume: \[.*empty\] holds no run-state file"):
+        trainer.fit(train_data, valid_data)
