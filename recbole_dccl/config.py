@@ -12,11 +12,12 @@ import os
 
 import yaml
 from recbole.config import Config
+from recbole.utils import ModelType
 
 from recbole_dccl.data import PROTOCOLS
 from recbole_dccl.distributed import init_process_group
-from recbole_dccl.model.families import family_of
 from recbole_dccl.errors import InputError
+from recbole_dccl.model.families import family_of
 from recbole_dccl.utils import PROPERTIES_DIR, get_model
 
 
