@@ -44,5 +44,5 @@ def test_missing_dataset_is_downloaded_from_dataset_url(served_ml_1m, tmp_path, 
     settings = {**TINY_SETTINGS, "data_path": str(data_path), "dataset_url": served_ml_1m}
     config = DCCLConfig(model="DCCL", dataset="ml-1m", config_dict=settings)
     dataset = create_dataset(config)
-    assert sorted(os.listdir(data_path / "ml-1m")) == ["ml-1m.inter", "ml-1m.user"]
+    assert sorted(os.listdir(data_path / "ml-1m")) == ["ml-1m.inter", "ml-1m.item", "ml-1m.user"]
     assert dataset.user_num == 31  # 30 users and RecBole's padding id
