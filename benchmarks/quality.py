@@ -263,12 +263,8 @@ def plot(summary, out):
         positions = np.arange(len(groups)) + (index - (len(rows) - 1) / 2) * width
         axes.bar(positions, means, width, yerr=stds, label=name, capsize=2)
     axes.set_xticks(np.arange(len(groups)), [group.replace(" ", "\n", 1) for group in groups])
-    axes.set_xlabel("user group (training interactions, least active first)")
-    axes.set_ylabel(f"test {main} (mean ± std over seeds)")
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(os.path.join(out, "groups.png"), dpi=120)
-    pyplot.close(figure)
+    save_figure(figure, axes, "user group (training interactions, least active first)",
+                f"test {main} (mean ± std over seeds)", os.path.join(out, "groups.png"))
 
     figure, axes = pyplot.subplots(figsize=(7, 4))
     # Variants without devices skip phases: place every point at its phase's position in the longest run.
@@ -279,11 +275,17 @@ def plot(summary, out):
         if curve["device"] != curve["cloud"]:
             axes.plot(steps, curve["device"], marker="s", linestyle="--", label=f"{variant} device")
     axes.set_xticks(np.arange(len(longest)), longest, rotation=30, fontsize="small")
-    axes.set_xlabel("round:phase")
-    axes.set_ylabel(f"test {main} (mean over seeds)")
+    save_figure(figure, axes, "round:phase", f"test {main} (mean over seeds)", os.path.join(out, "rounds.png"))
+
+
+def save_figure(figure, axes, xlabel, ylabel, path):
+    from matplotlib import pyplot
+
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
     axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(os.path.join(out, "rounds.png"), dpi=120)
+    figure.savefig(path, dpi=120)
     pyplot.close(figure)
 
 

@@ -113,24 +113,25 @@ def test_device_phase_on_two_processes_gives_the_metapatches_of_one(tiny_config,
         assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), one)  # every rank holds all users' metapatches
 
 
+def assert_run_agrees_with_one_process(command, folder, result_file, one):
+    codes, outputs = run_to_the_end([command], folder)
+    assert codes == [0], outputs[0]
+    with open(os.path.join(folder, result_file)) as file:
+        assert_agrees_with_one_process(json.load(file), one)
+
+
 def test_two_processes_on_one_machine(one_process):
     folder, one = one_process
     command = dccl_command("--nproc=2", "--ip=127.0.0.1", f"--port={free_port()}", "--cloud_checkpoint=cloud.pth",
                            "--result_file=two.json")
-    codes, outputs = run_to_the_end([command], folder)
-    assert codes == [0], outputs[0]
-    with open(os.path.join(folder, "two.json")) as file:
-        assert_agrees_with_one_process(json.load(file), one)
+    assert_run_agrees_with_one_process(command, folder, "two.json", one)
 
 
 def test_torchrun(one_process):
     folder, one = one_process
     command = [TORCHRUN, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                *dccl_command("--cloud_checkpoint=cloud.pth", "--result_file=torchrun.json")[1:]]
-    codes, outputs = run_to_the_end([command], folder)
-    assert codes == [0], outputs[0]
-    with open(os.path.join(folder, "torchrun.json")) as file:
-        assert_agrees_with_one_process(json.load(file), one)
+    assert_run_agrees_with_one_process(command, folder, "torchrun.json", one)
 
 
 def test_a_rank_that_fails_stops_every_process(one_process):

@@ -9,15 +9,21 @@ def eval_batch(test_data, device):
     return interaction.to(device)
 
 
+def scores_of_both_views(model, score):
+    """``score()`` of the cloud view, then of the device view, in eval mode; the model is left in the device view."""
+    model.eval()
+    model.view = "cloud"
+    cloud = score()
+    model.view = "device"
+    return cloud, score()
+
+
 @pytest.mark.parametrize("backbone,device_method", [("GRU4Rec", "metapatch"), ("SASRec", "metapatch"), ("SASRec", "patch")])
 def test_fresh_device_model_equals_cloud_model(tiny_config, backbone, device_method):
     config, (_, _, test_data), model, _ = build({**tiny_config, "backbone": backbone, "device_method": device_method})
-    model.eval()
     batch = eval_batch(test_data, config["device"])
-    model.view = "cloud"
-    cloud = model.full_sort_predict(batch)
-    model.view = "device"
-    assert torch.equal(model.full_sort_predict(batch), cloud)
+    cloud, device = scores_of_both_views(model, lambda: model.full_sort_predict(batch))
+    assert torch.equal(device, cloud)
 
 
 def test_recbole_leaves_autograd_anomaly_detection_off(tiny_config):
@@ -64,12 +70,9 @@ def test_ctr_backbone_without_mlp_needs_patch_sites(ctr_config):
 
 def test_ctr_fresh_device_model_equals_cloud_model(ctr_config):
     config, (_, _, test_data), model, _ = build(ctr_config)
-    model.eval()
     batch = eval_batch(test_data, config["device"])
-    model.view = "cloud"
-    cloud = model.predict(batch)
-    model.view = "device"
-    assert torch.equal(model.predict(batch), cloud)
+    cloud, device = scores_of_both_views(model, lambda: model.predict(batch))
+    assert torch.equal(device, cloud)
     with torch.no_grad():
         model.metapatch.normal_()
     assert not torch.allclose(model.predict(batch), cloud)
