@@ -186,9 +186,7 @@ def cold_start_rows(cells, variants, seeds, metrics):
             rows[f"{variant} {start}"] = {
                 "users": reports[0]["users"],
                 **{split: {metric: mean_std([r[split][metric] for r in results]) for metric in metrics} for split in ("valid", "test")},
-                "test_gain_vs_cloud_only": {
-                    metric: mean_std([r["test"][metric] / b["test"][metric] - 1 for r, b in zip(results, base)]) for metric in metrics
-                },
+                "test_gain_vs_cloud_only": {metric: seed_gain(results, base, metric) for metric in metrics},
             }
             if "adopted" in results[0]:
                 rows[f"{variant} {start}"]["adopted"] = [r["adopted"] for r in results]
@@ -232,7 +230,6 @@ def markdown(summary):
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if summary["cold_start"]:
-        pct = lambda s: f"{100 * s['mean']:+.1f}% ± {100 * s['std']:.1f}"
         lines += ["", "Cold-start users (the `cold` group, held out of all cloud training); gain per seed:", "",
                   f"| model | users | valid {main} | " + " | ".join(f"test {m}" for m in metrics) + " | "
                   + " | ".join(f"{m} gain" for m in metrics) + " |",
@@ -241,7 +238,7 @@ def markdown(summary):
             change = row["test_gain_vs_cloud_only"]
             lines.append(
                 f"| {name} | {row['users']} | {fmt(row['valid'][main])} | " + " | ".join(fmt(row["test"][m]) for m in metrics)
-                + " | " + " | ".join(pct(change[m]) for m in metrics) + " |"
+                + " | " + " | ".join(gain(change[m]) for m in metrics) + " |"
             )
     return "\n".join(lines) + "\n"
 

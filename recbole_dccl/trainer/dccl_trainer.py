@@ -50,11 +50,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self._collect_user_groups(schedule, train_data)
         self._start_run_state(saved)
 
-        def round_zero():
-            self._pretrain_cloud(schedule, train_data, verbose, show_progress, callback_fn)
-            self._collect_user_groups(schedule, train_data)  # RecBole's fit collected round 0's rows only
-
-        self._phase(0, "cloud", round_zero)
+        self._phase(0, "cloud", lambda: self._pretrain_cloud(schedule, train_data, verbose, show_progress, callback_fn))
         for round_idx in range(1, self.config["rounds"] + 1):
             device_rows = schedule.device_rows(round_idx)
             self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
@@ -165,7 +161,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         loader = train_data if len(rows) == len(train_data.dataset) else schedule.loader(rows)
         self._log(f"round 0: training the cloud model on {len(loader.dataset)} rows")
         super().fit(loader, self.valid_data, verbose=verbose, saved=False, show_progress=show_progress, callback_fn=keep_best)
-        self.eval_collector.data_collect(train_data)  # RecBole's fit collected round 0's rows only
+        self._collect_user_groups(schedule, train_data)  # RecBole's fit collected round 0's rows only
         if best_state:
             self.model.load_state_dict(best_state["state"])
         self.phase_seconds["round 0 cloud"] = time() - start
