@@ -99,7 +99,10 @@ SETTING_RULES = {
     "cold_start_ratio": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),
     "metapatch_dim": _POSITIVE_INT,
     "patch_rank": _POSITIVE_INT,
-    "patch_sites": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)), "None or a list of module names"),
+    "patch_sites": (
+        lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+        "None, a module name (or regex) or a list of them",
+    ),
     "device_epochs": _NON_NEGATIVE_INT,
     "device_learning_rate": _POSITIVE,
     "device_batch_size": _POSITIVE_INT,

@@ -63,7 +63,7 @@ def test_ctr_models_get_labeled_time_ordered_evaluation(ctr_config, model, backb
         ("shared_learning_rate", -0.1, "a number > 0"),
         ("distill_weight", -1.0, "a number >= 0"),
         ("distill_temperature", 0, "a number > 0"),
-        ("patch_sites", "backbone", "None or a list of module names"),
+        ("patch_sites", ["backbone", 3], r"None, a module name \(or regex\) or a list of them"),
         ("device_select", "first", "'best' or 'last'"),
         ("cold_start_ratio", 1.0, r"a number in \[0, 1\)"),
     ],

@@ -52,8 +52,10 @@ def test_wrong_patch_site_lists_valid_names(tiny_config):
         build({**tiny_config, "patch_sites": ["nope"]})
 
 
-def test_patch_sites_by_pattern(tiny_config):
-    _, _, model, _ = build({**tiny_config, "backbone": "SASRec", "patch_sites": [r"backbone\.trm_encoder\.layer\.\d+"]})
+@pytest.mark.parametrize("patch_sites", [[r"backbone\.trm_encoder\.layer\.\d+"], r"backbone\.trm_encoder\.layer\.\d+"])
+def test_patch_sites_by_pattern(tiny_config, patch_sites):
+    # One pattern may be given alone, as on the command line: --patch_sites=backbone.item_embedding
+    _, _, model, _ = build({**tiny_config, "backbone": "SASRec", "patch_sites": patch_sites})
     assert sorted(model.patches) == ["backbone__trm_encoder__layer__0"]
 
 

@@ -55,7 +55,8 @@ class DCCL(AbstractRecommender):
         self.objective = family.objective(self.backbone, config)
         self.view = "cloud"
 
-        sites = find_sites(self.backbone, "backbone", config["patch_sites"] or family.default_sites(self.backbone))
+        patterns = config["patch_sites"] or family.default_sites(self.backbone)
+        sites = find_sites(self.backbone, "backbone", [patterns] if isinstance(patterns, str) else patterns)
         dims = site_output_dims(sites, lambda: self._dry_run(dataset))
         self.patches, metapatch_dim = self._build_patches(config, dims)
         self.context = PatchContext()
