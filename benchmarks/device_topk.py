@@ -1,0 +1,117 @@
+"""What round 1's device phase does to the device view's top 10, on a round-0 cloud model (a ``cloud_checkpoint``
+written by ``benchmarks/quality.py``):
+
+    python benchmarks/device_topk.py --backbone=GRU4Rec --protocol=incremental --seed=2020 \\
+      --cloud_checkpoint=results/q/cloud/GRU4Rec-incremental-seed2020.pth --MAX_ITEM_LIST_LENGTH=20 ... --json=out.json
+
+Runs the device phase with the run's settings, then scores both views on valid and reports, overall and for the
+devices that adopted their patch: NDCG@10 and Hit@10 as RecBole computes them for sequential models (items the
+user has consumed may be recommended), the same with the user's consumed training items masked out, and how many
+consumed items (all of them, and the device's fresh local ones) sit in the top 10. The extra ``--key=value``
+arguments must match the checkpoint's round-0 settings, as for any run that loads it.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_seed
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from recbole_dccl.config import DCCLConfig  # noqa: E402
+from recbole_dccl.data import RoundSchedule  # noqa: E402
+from recbole_dccl.utils import get_model, get_trainer  # noqa: E402
+
+TOP = 10
+
+
+def items_by_user(dataset, rows):
+    users = dataset.inter_feat[dataset.uid_field].numpy()[rows]
+    items = dataset.inter_feat[dataset.iid_field].numpy()[rows]
+    grouped = {}
+    for user, item in zip(users, items):
+        grouped.setdefault(int(user), []).append(int(item))
+    return grouped
+
+
+def ndcg_hit(scores, target):
+    top = scores.topk(TOP).indices.tolist()
+    if target not in top:
+        return 0.0, 0.0, top
+    return 1 / math.log2(top.index(target) + 2), 1.0, top
+
+
+def score_view(model, valid_data, item_field, consumed, fresh):
+    """Per valid user: NDCG@10, Hit@10 (plain and with consumed items masked) and consumed/fresh items in the top 10."""
+    per_user = {}
+    for batch in valid_data:
+        interaction = batch[0]
+        with torch.no_grad():
+            scores = model.full_sort_predict(interaction).view(len(interaction), -1)
+        scores[:, 0] = -math.inf  # the padding item
+        for user, target, row in zip(interaction[model.USER_ID].tolist(), interaction[item_field].tolist(), scores):
+            seen = consumed.get(user, [])
+            ndcg, hit, top = ndcg_hit(row, target)
+            ndcg_masked, hit_masked, _ = ndcg_hit(row.index_fill(0, torch.as_tensor(seen, dtype=torch.long), -math.inf), target)
+            per_user[user] = [ndcg, hit, ndcg_masked, hit_masked, len(set(top) & set(seen)), len(set(top) & set(fresh.get(user, [])))]
+    return per_user
+
+
+COLUMNS = ("ndcg@10", "hit@10", "ndcg@10_consumed_masked", "hit@10_consumed_masked", "consumed_in_top10", "fresh_in_top10")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--backbone", default="GRU4Rec")
+    parser.add_argument("--protocol", default="incremental")
+    parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--cloud_checkpoint", required=True)
+    parser.add_argument("--json", default=None)
+    args, passthrough = parser.parse_known_args()
+    if not os.path.isfile(args.cloud_checkpoint):
+        parser.error(f"--cloud_checkpoint: [{args.cloud_checkpoint}] is not a file; write one with benchmarks/quality.py")
+    settings = {"backbone": args.backbone, "protocol": args.protocol, "seed": args.seed, "show_progress": False,
+                "cloud_checkpoint": args.cloud_checkpoint}
+    sys.argv = sys.argv[:1] + passthrough  # RecBole's Config reads --key=value from the command line
+    config = DCCLConfig(model="DCCL", dataset=args.dataset, config_dict=settings)
+    init_seed(config["seed"], config["reproducibility"])
+    train_data, valid_data, _ = data_preparation(config, create_dataset(config))
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model("DCCL")(config, train_data.dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], "DCCL")(config, model)
+    trainer.verbose = False
+    trainer._load_cloud(args.cloud_checkpoint)
+
+    schedule = RoundSchedule(config, train_data)
+    rows = schedule.device_rows(1)
+    model.user_history = schedule.user_history(1, *model.user_history.shape).to(config["device"])
+    trainer._device_phase(1, train_data.dataset, rows)
+    model.eval()
+    consumed = items_by_user(train_data.dataset, np.arange(len(train_data.dataset)))
+    fresh = items_by_user(train_data.dataset, rows) if args.protocol == "incremental" else {}
+    adopted = set(torch.nonzero((model.metapatch != 0).any(dim=1)).squeeze(1).tolist())
+
+    report = {"backbone": args.backbone, "protocol": args.protocol, "seed": args.seed, "adopters": len(adopted)}
+    for view in ("cloud", "device"):
+        model.view = view
+        per_user = score_view(model, valid_data, config["ITEM_ID_FIELD"], consumed, fresh)
+        values = np.array(list(per_user.values()))
+        is_adopter = np.array([user in adopted for user in per_user])
+        report[view] = {
+            who: dict(zip(COLUMNS, values[mask].mean(axis=0).tolist()))
+            for who, mask in (("all", np.ones(len(values), dtype=bool)), ("adopters", is_adopter))
+        }
+    print(json.dumps(report))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(report, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
