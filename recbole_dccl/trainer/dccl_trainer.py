@@ -111,7 +111,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
                    else "no run state was written before it")
             ) from None
         self.best = self._record(round_idx, phase, self.best, changed)
-        if self.run_state_file and is_main_process(self.config):
+        if self.run_state_file:
             save_run_state(self.run_state_file, self, round_idx, phase, self._settings())
 
     # Phases ---------------------------------------------------------------------------------------------------

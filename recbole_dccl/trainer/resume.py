@@ -22,6 +22,7 @@ import random
 import numpy as np
 import torch
 
+from recbole_dccl.distributed import is_main_process
 from recbole_dccl.errors import InputError
 from recbole_dccl.trainer.checkpoint import check_identity, load_safe, save_atomic
 from recbole_dccl.trainer.momodistill import DeviceTeachers
@@ -64,7 +65,7 @@ def set_rng_states(states):
 
 def save_run_state(path, trainer, round_idx, phase, settings):
     """Write ``trainer``'s run state after ``phase`` of round ``round_idx`` (rank 0 only in distributed runs)."""
-    if not trainer.config["single_spec"] and trainer.config["local_rank"] != 0:
+    if not is_main_process(trainer.config):  # global rank 0: RecBole's local rank 0 would write once per machine
         return
     state = {
         "identity": run_identity(settings),
