@@ -19,13 +19,10 @@ import sys
 
 import numpy as np
 import torch
-from recbole.data import create_dataset, data_preparation
-from recbole.utils import init_seed
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from recbole_dccl.config import DCCLConfig  # noqa: E402
 from recbole_dccl.data import RoundSchedule  # noqa: E402
-from recbole_dccl.utils import get_model, get_trainer  # noqa: E402
+from tests.helpers import build  # noqa: E402
 
 TOP = 10
 
@@ -79,12 +76,7 @@ def main():
     settings = {"backbone": args.backbone, "protocol": args.protocol, "seed": args.seed, "show_progress": False,
                 "cloud_checkpoint": args.cloud_checkpoint}
     sys.argv = sys.argv[:1] + passthrough  # RecBole's Config reads --key=value from the command line
-    config = DCCLConfig(model="DCCL", dataset=args.dataset, config_dict=settings)
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, valid_data, _ = data_preparation(config, create_dataset(config))
-    init_seed(config["seed"], config["reproducibility"])
-    model = get_model("DCCL")(config, train_data.dataset).to(config["device"])
-    trainer = get_trainer(config["MODEL_TYPE"], "DCCL")(config, model)
+    config, (train_data, valid_data, _), model, trainer = build(settings, dataset=args.dataset)
     trainer.verbose = False
     trainer._load_cloud(args.cloud_checkpoint)
 
