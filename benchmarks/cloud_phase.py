@@ -3,10 +3,13 @@ and the cost of one step-2 epoch.
 
     python benchmarks/cloud_phase.py --dataset=ml-100k --json=cloud.json
 
-The data is what the cloud learns from in round 1 (``--protocol``: the devices' rows). The plain epoch is the
-backbone's own ``calculate_loss`` with the same optimizer, as RecBole trains it; the MoMoDistill epoch adds the
-frozen device teachers' forward pass and the KL term; step 2 trains Theta and the auxiliary encoder, W_f frozen.
-Each epoch is timed ``--repeats`` times, interleaved, and the fastest kept (the machine is shared).
+The data is what the cloud learns from in round 1 (``--protocol``: the devices' rows), after round 1's device
+phase has run on it. The plain epoch is the backbone's own ``calculate_loss`` with the same optimizer, as RecBole
+trains it; the MoMoDistill epoch adds the frozen device teachers and the KL term. The teachers run from the site
+outputs the device phase kept, as in a run (``momodistill_epoch_s``), and from scratch (``..._uncached``: a run
+with ``device_cache_mb: 0`` or a backbone whose sites cannot be cached). Step 2 trains Theta and the auxiliary
+encoder, W_f frozen: its first epoch computes the site outputs of the new W_f (``shared_first_epoch_s``), the
+others replay them (``shared_epoch_s``). Each epoch is timed ``--repeats`` times, interleaved, and the fastest kept.
 """
 
 import argparse
@@ -39,25 +42,40 @@ def measure(args, backbone):
     config_dict = {"backbone": backbone, "protocol": args.protocol, "MAX_ITEM_LIST_LENGTH": args.max_len,
                    "show_progress": False}
     config, (train_data, _, _), model, trainer = build(config_dict, dataset=args.dataset)
+    trainer.verbose = False
     schedule = RoundSchedule(config, train_data)
-    loader = schedule.loader(schedule.device_rows(1))
-    with torch.no_grad():  # devices as if they had trained: non-zero uploaded metapatches
+    rows = schedule.device_rows(1)
+    loader = trainer.round_loader = schedule.loader(rows)
+    trainer.round_cache = trainer._row_cache(len(rows))
+    trainer._device_phase(1, train_data.dataset, rows)  # fills the round's cache for the teachers
+    with torch.no_grad():  # devices as if they had all adopted a patch: every teacher row patched
         model.uploaded_metapatch.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
-    teachers = DeviceTeachers(model)
+    teachers = DeviceTeachers(model, cache=trainer.round_cache)
+    uncached_teachers = DeviceTeachers(model)
     cloud_optimizer = trainer._build_optimizer(params=model.backbone.parameters())
     shared = list(model.patches.parameters()) + list(model.encoder.parameters())
     shared_optimizer = trainer._build_optimizer(params=shared, learning_rate=config["shared_learning_rate"])
+    weight = config["distill_weight"]
 
     def plain_epoch():
         model.train()
         _run_epoch(model, loader, cloud_optimizer, model.backbone.calculate_loss, config, "Plain")
 
+    shared_cache = []
+
+    def shared_epoch(first):
+        if first:  # a new W_f: step 2 starts with nothing cached
+            shared_cache[:] = [trainer._row_cache(len(rows))]
+        shared_parameters_epoch(model, loader, shared_optimizer, teachers, config, shared_cache[0])
+
     epochs = {
         "plain_epoch_s": plain_epoch,
-        "momodistill_epoch_s": lambda: distill_cloud_epoch(
-            model, loader, cloud_optimizer, teachers, config["distill_weight"], config
+        "momodistill_epoch_s": lambda: distill_cloud_epoch(model, loader, cloud_optimizer, teachers, weight, config),
+        "momodistill_uncached_epoch_s": lambda: distill_cloud_epoch(
+            model, loader, cloud_optimizer, uncached_teachers, weight, config
         ),
-        "shared_epoch_s": lambda: shared_parameters_epoch(model, loader, shared_optimizer, teachers, config),
+        "shared_first_epoch_s": lambda: shared_epoch(first=True),
+        "shared_epoch_s": lambda: shared_epoch(first=False),
     }
     best = {name: float("inf") for name in epochs}
     for _ in range(args.repeats):
@@ -68,7 +86,9 @@ def measure(args, backbone):
         "rows": len(loader.dataset),
         **best,
         "momodistill_over_plain": best["momodistill_epoch_s"] / best["plain_epoch_s"],
+        "momodistill_uncached_over_plain": best["momodistill_uncached_epoch_s"] / best["plain_epoch_s"],
         "shared_over_plain": best["shared_epoch_s"] / best["plain_epoch_s"],
+        "shared_first_over_plain": best["shared_first_epoch_s"] / best["plain_epoch_s"],
         "load_average": os.getloadavg()[0],
         "threads": torch.get_num_threads(),
     }

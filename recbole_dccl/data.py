@@ -16,6 +16,7 @@ import torch
 from recbole.data.dataloader import TrainDataLoader
 
 PROTOCOLS = ("incremental", "static")
+ROW_FIELD = "dccl_row"  # a round loader's rows carry their number in the round: where cached site outputs are kept
 
 
 def positions_from_newest(users):
@@ -79,9 +80,11 @@ class RoundSchedule:
         return np.flatnonzero(self.block <= round_idx)
 
     def loader(self, rows, shuffle=True):
-        """A RecBole training dataloader over ``rows`` of the training set."""
-        subset = self.dataset.copy(self.dataset.inter_feat[torch.as_tensor(rows)])
-        return TrainDataLoader(self.config, subset, None, shuffle=shuffle)
+        """A RecBole training dataloader over ``rows`` of the training set, each numbered by its place in ``rows``
+        (``ROW_FIELD``)."""
+        inter_feat = self.dataset.inter_feat[torch.as_tensor(rows)]
+        inter_feat[ROW_FIELD] = torch.arange(len(rows))
+        return TrainDataLoader(self.config, self.dataset.copy(inter_feat), None, shuffle=shuffle)
 
     def user_history(self, round_idx, n_users, length):
         """``[n_users, length]`` item ids of each user's most recent visible interactions, 0-padded on the left."""

@@ -21,6 +21,7 @@ from recbole_dccl.trainer.cold_start import COLD_GROUP, cold_start_report, cold_
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
 from recbole_dccl.trainer.resume import ResumedRun, run_state_file, save_run_state
+from recbole_dccl.trainer.site_cache import RowCache
 
 
 class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpointMixin, Trainer):
@@ -32,7 +33,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self.history = []
         self.best = {}
         self.phase_seconds = {}
-        self.teachers = self.round_loader = None  # of the round being run
+        self.teachers = self.round_loader = self.round_cache = None  # of the round being run
         self.resumed = self.run_state_file = None
         self.report = None
         self.cold_start = None
@@ -55,6 +56,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             device_rows = schedule.device_rows(round_idx)
             self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
             self.round_loader = schedule.loader(device_rows)
+            self.round_cache = self._row_cache(len(device_rows))
             if self.has_devices:
                 device_phase = lambda: self._device_phase(round_idx, train_data.dataset, device_rows)
                 self._phase(round_idx, "device", device_phase, changed=("device",))
@@ -171,7 +173,9 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         settings = DeviceSettings(self.config)
         local = LocalData.from_rows(dataset, rows, settings.valid_size, self.device, share=user_share(self.config))
         start_metapatch = self.model.metapatch[local.users]
-        result = personalise(self.model, local, start_metapatch, settings, self.config["seed"] + round_idx)
+        result = personalise(
+            self.model, local, start_metapatch, settings, self.config["seed"] + round_idx, keep=self.round_cache
+        )
         users, metapatch = gather_user_rows(self.config, local.users, result.metapatch, len(self.model.metapatch))
         self.model.metapatch[users] = metapatch
         self.model.uploaded_metapatch[users] = metapatch
@@ -185,7 +189,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
 
     def _momodistill(self, round_idx):
         start = time()
-        self.teachers = DeviceTeachers(self.model)
+        self.teachers = DeviceTeachers(self.model, cache=self.round_cache)
         optimizer = self._build_optimizer(params=self.model.backbone.parameters())
         weight = self.config["distill_weight"] if self.config["cloud_method"] == "momodistill" else 0
         for epoch in range(self.config["cloud_epochs"]):
@@ -197,13 +201,17 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         start = time()
         params = list(self.model.patches.parameters()) + list(self.model.encoder.parameters())
         optimizer = self._build_optimizer(params=params, learning_rate=self.config["shared_learning_rate"])
+        cache = self._row_cache(len(self.round_loader.dataset))  # of the new W_f, which step 2 keeps fixed
         for epoch in range(self.config["shared_epochs"]):
-            loss = shared_parameters_epoch(self.model, self.round_loader, optimizer, self.teachers, self.config)
+            loss = shared_parameters_epoch(self.model, self.round_loader, optimizer, self.teachers, self.config, cache)
             self._log(f"round {round_idx} shared parameters epoch {epoch} [train loss: {loss:.4f}]")
         with torch.no_grad():
             users = torch.arange(len(self.model.metapatch), device=self.device)
             self.model.metapatch.copy_(self.model.encode_metapatch(users))
         self.phase_seconds[f"round {round_idx} shared"] = time() - start
+
+    def _row_cache(self, rows):
+        return RowCache(rows, self.config["device_cache_mb"] * 2**20)
 
     # Evaluation and bookkeeping --------------------------------------------------------------------------------
 

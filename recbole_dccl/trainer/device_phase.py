@@ -235,11 +235,12 @@ def device_groups(local, max_rows):
     return groups + [order[first:]]
 
 
-def personalise(model, local, start, settings, seed):
+def personalise(model, local, start, settings, seed, keep=None):
     """Train all devices' metapatches at once from ``start`` (``[devices, k]``); see the module docstring.
 
     The devices train group by group, each group's rows sized so that its cached site outputs fit in
-    ``device_cache_mb``; a device's training depends on its own rows only, so grouping never changes a result."""
+    ``device_cache_mb``; a device's training depends on its own rows only, so grouping never changes a result.
+    ``keep``: a :class:`RowCache` of the round's rows that also keeps those outputs, for MoMoDistill's teachers."""
     with frozen(model):
         keys = local.shuffle_keys(settings.epochs, seed)
         cache, why_not = SiteCache.probe(model, local.interaction) if settings.cache_bytes else (None, "device_cache_mb=0")
@@ -256,6 +257,8 @@ def personalise(model, local, start, settings, seed):
             group, rows = local.subset(devices)
             if cache is not None:
                 group.cached = cache.outputs(model, group.interaction, settings.chunk_size)
+                if keep is not None and keep.ready(model, group.interaction):
+                    keep.store(group.key_index, group.cached)
             parts.append((devices, personalise_group(model, group, start[devices], keys[:, rows], settings)))
         return DeviceResult.gather(start.shape, parts, start.device)
 

@@ -5,7 +5,9 @@ Step 1 (model-over-models) updates W_f on the devices' data with
 incremental training, the model-over-data baseline. Step 2 then keeps the new W_f fixed and learns Theta and the
 auxiliary encoder g so that the proxy device model (new W_f, patch from ``g(user)``) matches the device model.
 The teachers are the model as the device phase left it, frozen: its state is copied once and run through
-``torch.func.functional_call``. In a distributed run each rank takes its share of every batch and DDP averages the
+``torch.func.functional_call``. Below the lowest patch site neither the teachers nor step 2's backbone change, so
+both run from the round's cached site outputs (:class:`RowCache`): the teachers from those the device phase
+computed, step 2 from its own, computed in its first epoch. In a distributed run each rank takes its share of every batch and DDP averages the
 gradients of what the step trains (W_f in step 1, Theta and g in step 2).
 """
 
@@ -18,14 +20,16 @@ from recbole_dccl.distributed import advance_epoch, data_parallel
 from recbole_dccl.errors import NonFiniteLoss
 from recbole_dccl.trainer.device_phase import frozen
 from recbole_dccl.trainer.progress import progress
+from recbole_dccl.trainer.site_cache import cached_forward
 
 
 class DeviceTeachers:
     """The round's device models (backbone, Theta and uploaded metapatches as they are now, or as ``state``
-    holds them when a run resumes), frozen."""
+    holds them when a run resumes), frozen; ``cache``: the lowest site's outputs of the round's rows under this
+    backbone (a :class:`RowCache`, filled by the device phase or as the teachers run)."""
 
-    def __init__(self, model, state=None):
-        self.model = model
+    def __init__(self, model, state=None, cache=None):
+        self.model, self.cache = model, cache
         state = model.state_dict() if state is None else state
         self.state = {name: value.detach().clone() for name, value in state.items()}
 
@@ -35,7 +39,8 @@ class DeviceTeachers:
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         try:
-            return functional_call(self.model, self.state, (interaction, metapatch))
+            forward = lambda: functional_call(self.model, self.state, (interaction, metapatch))
+            return cached_forward(self.model, self.cache, interaction, forward)
         finally:  # each module's own mode: step 2 keeps the backbone in eval mode inside a training model
             for module, training in modes:
                 module.training = training
@@ -77,14 +82,15 @@ def distill_cloud_epoch(model, loader, optimizer, teachers, weight, config):
         return _run_epoch(model, loader, optimizer, loss_fn, config, "MoMoDistill")
 
 
-def shared_parameters_epoch(model, loader, optimizer, teachers, config):
-    """One epoch of step 2 on Theta and the encoder, W_f fixed; returns the summed loss."""
+def shared_parameters_epoch(model, loader, optimizer, teachers, config, cache=None):
+    """One epoch of step 2 on Theta and the encoder, W_f fixed; returns the summed loss. ``cache``: a
+    :class:`RowCache` of the loader's rows under the current (fixed) W_f, kept from epoch to epoch."""
     temperature, ce_weight = config["distill_temperature"], config["shared_ce_weight"]
     objective = model.objective
 
     def loss_fn(interaction):
         metapatch = model.encode_metapatch(interaction[model.USER_ID])
-        logits = proxy(interaction, metapatch)
+        logits = cached_forward(model, cache, interaction, lambda: proxy(interaction, metapatch))
         loss = objective.distill(logits, teachers.logits(interaction), temperature).mean()
         if ce_weight:
             loss = loss + ce_weight * objective.loss(logits, interaction).mean()

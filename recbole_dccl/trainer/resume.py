@@ -122,5 +122,5 @@ class ResumedRun:
             trainer.round_loader.generator.set_state(state["loader_generator"])
             if state["teachers"] is not None:
                 teachers = {name: value.to(trainer.device) for name, value in state["teachers"].items()}
-                trainer.teachers = DeviceTeachers(trainer.model, teachers)
+                trainer.teachers = DeviceTeachers(trainer.model, teachers, cache=trainer.round_cache)
         set_rng_states(state["rng"])

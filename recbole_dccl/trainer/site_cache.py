@@ -8,12 +8,17 @@ with the default site (``backbone``, the sequence representation) the patch and 
 
 This needs the lowest site to run once per forward pass and to return one row per input row. Where it does not,
 :meth:`SiteCache.probe` says why and the device phase runs the whole model every step, as before.
+
+The cloud phase reuses the idea for the round's rows (numbered by ``ROW_FIELD``), in :class:`RowCache`: the frozen
+teachers of MoMoDistill read the outputs the device phase computed (the backbone below the site has not changed
+since), and step 2, whose backbone is frozen, computes them in its first epoch and replays them in the others.
 """
 
 from contextlib import contextmanager
 
 import torch
 
+from recbole_dccl.data import ROW_FIELD
 from recbole_dccl.model.metapatch import SiteReached
 
 
@@ -79,3 +84,56 @@ class SiteCache:
                 model(interaction[start : start + chunk_size])
             parts.append(captured[0][1])
         return {self.site: torch.cat(parts)}
+
+
+class RowCache:
+    """The lowest site's outputs for the rows ``0 .. rows - 1`` of one dataset (a round's rows), kept as they are
+    computed, for as long as the model below the site is frozen. Holds nothing when they would take more than
+    ``max_bytes`` or when the model's sites cannot be cached."""
+
+    def __init__(self, rows, max_bytes):
+        self.rows, self.max_bytes = rows, max_bytes
+        self.site = None  # the SiteCache, once probed
+        self.usable = max_bytes > 0
+        self.outputs = self.filled = None
+
+    def ready(self, model, interaction):
+        """Whether outputs can be kept for ``model``; the first call probes its lowest site on ``interaction``."""
+        if self.usable and self.site is None:
+            self.site, _ = SiteCache.probe(model, interaction)
+            self.usable = self.site is not None and self.site.bytes_per_row * self.rows <= self.max_bytes
+        return self.usable
+
+    def store(self, rows, outputs):
+        """Keep ``outputs`` (site name -> ``[len(rows), ...]``) of ``rows``."""
+        if not self.usable:
+            return
+        (site, values), = outputs.items()
+        if self.outputs is None:
+            self.outputs = values.new_empty((self.rows, *values.shape[1:]))
+            self.filled = torch.zeros(self.rows, dtype=torch.bool, device=values.device)
+        self.outputs[rows] = values.detach()
+        self.filled[rows] = True
+
+    def lookup(self, rows):
+        """``{site: outputs of rows}`` if every one of ``rows`` is kept, else ``None``."""
+        if self.outputs is None or not bool(self.filled[rows].all()):
+            return None
+        return {self.site.site: self.outputs[rows]}
+
+
+def cached_forward(model, cache, interaction, forward):
+    """``forward()`` (a pass of ``model`` over ``interaction``) with the lowest site's output taken from ``cache``
+    when it holds all of the interaction's rows, else computed and kept there. Rows without a number
+    (``ROW_FIELD``) or a cache that cannot hold them run ``forward()`` as it is."""
+    if cache is None or ROW_FIELD not in interaction or not cache.ready(model, interaction):
+        return forward()
+    rows = interaction[ROW_FIELD]
+    outputs = cache.lookup(rows)
+    if outputs is not None:
+        with replaying(model, outputs):
+            return forward()
+    with capturing(model) as captured:
+        result = forward()
+    cache.store(rows, dict(captured[:1]))
+    return result
