@@ -7,8 +7,8 @@ auxiliary encoder g so that the proxy device model (new W_f, patch from ``g(user
 The teachers are the model as the device phase left it, frozen: its state is copied once and run through
 ``torch.func.functional_call``. Below the lowest patch site neither the teachers nor step 2's backbone change, so
 both run from the round's cached site outputs (:class:`RowCache`): the teachers from those the device phase
-computed, step 2 from its own, computed in its first epoch. In a distributed run each rank takes its share of every batch and DDP averages the
-gradients of what the step trains (W_f in step 1, Theta and g in step 2).
+computed, step 2 from its own, computed in its first epoch. In a distributed run each rank takes its share of
+every batch and DDP averages the gradients of what the step trains (W_f in step 1, Theta and g in step 2).
 """
 
 import math

@@ -108,7 +108,7 @@ class RowCache:
         """Keep ``outputs`` (site name -> ``[len(rows), ...]``) of ``rows``."""
         if not self.usable:
             return
-        (site, values), = outputs.items()
+        (values,) = outputs.values()
         if self.outputs is None:
             self.outputs = values.new_empty((self.rows, *values.shape[1:]))
             self.filled = torch.zeros(self.rows, dtype=torch.bool, device=values.device)
