@@ -43,10 +43,8 @@ def measure(args, backbone):
                    "show_progress": False}
     config, (train_data, _, _), model, trainer = build(config_dict, dataset=args.dataset)
     trainer.verbose = False
-    schedule = RoundSchedule(config, train_data)
-    rows = schedule.device_rows(1)
-    loader = trainer.round_loader = schedule.loader(rows)
-    trainer.round_cache = trainer._row_cache(len(rows))
+    rows = trainer._start_round(RoundSchedule(config, train_data), 1)
+    loader = trainer.round_loader
     trainer._device_phase(1, train_data.dataset, rows)  # fills the round's cache for the teachers
     with torch.no_grad():  # devices as if they had all adopted a patch: every teacher row patched
         model.uploaded_metapatch.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))

@@ -80,9 +80,7 @@ def main():
     trainer.verbose = False
     trainer._load_cloud(args.cloud_checkpoint)
 
-    schedule = RoundSchedule(config, train_data)
-    rows = schedule.device_rows(1)
-    model.user_history = schedule.user_history(1, *model.user_history.shape).to(config["device"])
+    rows = trainer._start_round(RoundSchedule(config, train_data), 1)
     trainer._device_phase(1, train_data.dataset, rows)
     model.eval()
     consumed = items_by_user(train_data.dataset, np.arange(len(train_data.dataset)))

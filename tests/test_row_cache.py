@@ -20,10 +20,7 @@ def counting_calls(module):
 def round_one(tiny_config, settings=None):
     config, (train_data, _, _), model, trainer = build({**tiny_config, **(settings or {})})
     trainer.verbose = False
-    schedule = RoundSchedule(config, train_data)
-    rows = schedule.device_rows(1)
-    trainer.round_loader = schedule.loader(rows)
-    trainer.round_cache = trainer._row_cache(len(rows))
+    rows = trainer._start_round(RoundSchedule(config, train_data), 1)
     return config, train_data, model, trainer, rows
 
 

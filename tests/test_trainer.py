@@ -96,8 +96,7 @@ def test_cloud_method_data_is_model_over_data(tiny_config):
         config, (train_data, _, _), model, trainer = build({**tiny_config, **settings})
         with torch.no_grad():
             model.uploaded_metapatch.normal_(generator=torch.Generator().manual_seed(0))
-        schedule = RoundSchedule(config, train_data)
-        trainer.round_loader = schedule.loader(schedule.device_rows(1))
+        trainer._start_round(RoundSchedule(config, train_data), 1)
         torch.manual_seed(5)
         trainer._momodistill(1)  # its teachers: the model as it is now
         return model.backbone.state_dict()

@@ -53,10 +53,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
 
         self._phase(0, "cloud", lambda: self._pretrain_cloud(schedule, train_data, verbose, show_progress, callback_fn))
         for round_idx in range(1, self.config["rounds"] + 1):
-            device_rows = schedule.device_rows(round_idx)
-            self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
-            self.round_loader = schedule.loader(device_rows)
-            self.round_cache = self._row_cache(len(device_rows))
+            device_rows = self._start_round(schedule, round_idx)
             if self.has_devices:
                 device_phase = lambda: self._device_phase(round_idx, train_data.dataset, device_rows)
                 self._phase(round_idx, "device", device_phase, changed=("device",))
@@ -76,6 +73,15 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             self._save_checkpoint(best["device"]["round"], verbose=verbose)
         self.report = self._report(best)
         return self.best_valid_score, self.best_valid_result
+
+    def _start_round(self, schedule, round_idx):
+        """Set up round ``round_idx``: the users' visible history for the encoder, and the loader and row cache of
+        the rows the devices hold (which the cloud then takes in); returns those rows."""
+        device_rows = schedule.device_rows(round_idx)
+        self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
+        self.round_loader = schedule.loader(device_rows)
+        self.round_cache = self._row_cache(len(device_rows))
+        return device_rows
 
     def _collect_user_groups(self, schedule, train_data):
         """User groups by all training interactions, plus the cold-start users as a group of their own."""
