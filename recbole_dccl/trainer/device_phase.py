@@ -257,7 +257,7 @@ def personalise(model, local, start, settings, seed, keep=None):
             group, rows = local.subset(devices)
             if cache is not None:
                 group.cached = cache.outputs(model, group.interaction, settings.chunk_size)
-                if keep is not None and keep.ready(model, group.interaction):
+                if keep is not None and keep.ready(model, group.interaction, site=cache):
                     keep.store(group.key_index, group.cached)
             parts.append((devices, personalise_group(model, group, start[devices], keys[:, rows], settings)))
         return DeviceResult.gather(start.shape, parts, start.device)

@@ -97,10 +97,11 @@ class RowCache:
         self.usable = max_bytes > 0
         self.outputs = self.filled = None
 
-    def ready(self, model, interaction):
-        """Whether outputs can be kept for ``model``; the first call probes its lowest site on ``interaction``."""
+    def ready(self, model, interaction, site=None):
+        """Whether outputs can be kept for ``model``; the first call takes its lowest ``site`` (a :class:`SiteCache`)
+        from a caller that has probed it, or probes it on ``interaction``."""
         if self.usable and self.site is None:
-            self.site, _ = SiteCache.probe(model, interaction)
+            self.site = site if site is not None else SiteCache.probe(model, interaction)[0]
             self.usable = self.site is not None and self.site.bytes_per_row * self.rows <= self.max_bytes
         return self.usable
 
