@@ -27,7 +27,6 @@ from recbole.evaluator.collector import DataStruct
 from recbole.evaluator.metrics import GAUC
 
 from recbole_dccl.distributed import gather_eval_rows, is_distributed, padded_samples
-
 from recbole_dccl.errors import InputError
 
 USER_ROWS = "data.uid"
