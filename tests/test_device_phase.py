@@ -16,13 +16,18 @@ def local_setup(config_dict, protocol="incremental"):
     return config, model, local, settings
 
 
+def random_start(model, local):
+    """Every device's starting metapatch, small and random (a device phase after the first round's)."""
+    return 0.1 * torch.randn(len(local.users), model.metapatch.shape[1], generator=torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize("protocol", ["incremental", "static"])
 @pytest.mark.parametrize("valid_size,l2,select", [(1, 0.0, "best"), (0, 0.1, "best"), (2, 0.0, "last")])
 def test_batched_device_phase_equals_per_user_loop(tiny_config, protocol, valid_size, l2, select):
     settings_dict = {**tiny_config, "device_valid_size": valid_size, "device_l2": l2, "device_chunk_size": 7,
                      "device_select": select}
     _, model, local, settings = local_setup(settings_dict, protocol)
-    start = 0.1 * torch.randn(len(local.users), model.metapatch.shape[1], generator=torch.Generator().manual_seed(0))
+    start = random_start(model, local)
     batched = personalise(model, local, start, settings, seed=7)
     loop = personalise_one_by_one(model, local, start, settings, seed=7)
     assert (batched.metapatch - start).abs().max() > 1e-3  # it trained
@@ -40,7 +45,7 @@ def test_a_device_trained_alone_by_the_batched_code_equals_the_loop_bit_for_bit(
     # gather's (accumulated row by row) round differently.
     settings_dict = {**tiny_config, "device_cache_mb": 0, "device_batch_size": 16, "metapatch_dim": 16}
     _, model, local, settings = local_setup(settings_dict, "static")
-    start = 0.1 * torch.randn(len(local.users), model.metapatch.shape[1], generator=torch.Generator().manual_seed(0))
+    start = random_start(model, local)
     rows_per_device = torch.bincount(local.owner[~local.is_valid])
     device = int(rows_per_device.argmax())
     assert rows_per_device[device] > settings.batch_size  # several minibatches of several rows
@@ -58,7 +63,7 @@ def test_a_device_trained_alone_by_the_batched_code_equals_the_loop_bit_for_bit(
 def test_site_cache_and_groups_never_change_results(tiny_config, patch_sites, cache_bytes):
     _, model, local, settings = local_setup({**tiny_config, "patch_sites": patch_sites, "device_chunk_size": 5})
     settings.cache_bytes = cache_bytes  # 4-byte floats: a few rows of site output per group of devices
-    start = 0.1 * torch.randn(len(local.users), model.metapatch.shape[1], generator=torch.Generator().manual_seed(0))
+    start = random_start(model, local)
     batched = personalise(model, local, start, settings, seed=5)
     loop = personalise_one_by_one(model, local, start, settings, seed=5)
     assert (batched.metapatch - start).abs().max() > 1e-3
