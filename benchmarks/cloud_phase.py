@@ -59,12 +59,13 @@ def measure(args, backbone):
         model.train()
         _run_epoch(model, loader, cloud_optimizer, model.backbone.calculate_loss, config, "Plain")
 
-    shared_cache = []
+    shared_cache = None
 
     def shared_epoch(first):
+        nonlocal shared_cache
         if first:  # a new W_f: step 2 starts with nothing cached
-            shared_cache[:] = [trainer._row_cache(len(rows))]
-        shared_parameters_epoch(model, loader, shared_optimizer, teachers, config, shared_cache[0])
+            shared_cache = trainer._row_cache(len(rows))
+        shared_parameters_epoch(model, loader, shared_optimizer, teachers, config, shared_cache)
 
     epochs = {
         "plain_epoch_s": plain_epoch,
