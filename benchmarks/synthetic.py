@@ -29,8 +29,13 @@ def activity(users, interactions, min_per_user, sigma, rng):
     return counts
 
 
-def interactions(users, total, items, min_per_user=20, sigma=1.2, seed=0):
-    """``(user, item, timestamp)`` arrays (ids from 1), grouped by user in time order."""
+def interactions(users, total, items, min_per_user=20, sigma=1.2, seed=0, favourites=0, repeat=0.0):
+    """``(user, item, timestamp)`` arrays (ids from 1), grouped by user in time order.
+
+    With ``favourites`` > 0 every user also has that many favourite items of their own, drawn uniformly from the
+    catalogue (so no other user's data predicts them), and each interaction is a re-consumption of one of them with
+    probability ``repeat``: a persistent personal taste that reaches further back than a model's input window.
+    """
     rng = np.random.default_rng(seed)
     counts = activity(users, total, min_per_user, sigma, rng)
     user = np.repeat(np.arange(1, users + 1), counts)
@@ -40,6 +45,9 @@ def interactions(users, total, items, min_per_user=20, sigma=1.2, seed=0):
     taste = rng.integers(0, items, users)[user - 1]
     drift = (taste + position // 3 + rng.integers(0, 8, len(user))) % items
     item = np.where(rng.random(len(user)) < 0.5, drift, popular) + 1
+    if favourites:
+        own = rng.integers(0, items, (users, favourites))[user - 1, rng.integers(0, favourites, len(user))]
+        item = np.where(rng.random(len(user)) < repeat, own + 1, item)
     timestamp = 10**9 + user.astype(np.int64) * 10**4 + position
     return user, item, timestamp
 
@@ -66,8 +74,12 @@ def main():
     parser.add_argument("--min_per_user", type=int, default=20)
     parser.add_argument("--sigma", type=float, default=1.2, help="log-normal spread of user activity")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--favourites", type=int, default=0, help="favourite items of each user's own (0: none)")
+    parser.add_argument("--repeat", type=float, default=0.0, help="probability that an interaction is a favourite")
     args = parser.parse_args()
-    arrays = interactions(args.users, args.interactions, args.items, args.min_per_user, args.sigma, args.seed)
+    arrays = interactions(
+        args.users, args.interactions, args.items, args.min_per_user, args.sigma, args.seed, args.favourites, args.repeat
+    )
     print(write_atomic(args.out, args.name, *arrays))
 
 
