@@ -11,18 +11,14 @@ consumed items (all of them, and the device's fresh local ones) sit in the top 1
 arguments must match the checkpoint's round-0 settings, as for any run that loads it.
 """
 
-import argparse
 import json
 import math
-import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from recbole_dccl.data import RoundSchedule  # noqa: E402
-from tests.helpers import build  # noqa: E402
+import round0
+from recbole_dccl.data import RoundSchedule
 
 TOP = 10
 
@@ -63,22 +59,7 @@ COLUMNS = ("ndcg@10", "hit@10", "ndcg@10_consumed_masked", "hit@10_consumed_mask
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--backbone", default="GRU4Rec")
-    parser.add_argument("--protocol", default="incremental")
-    parser.add_argument("--seed", type=int, default=2020)
-    parser.add_argument("--cloud_checkpoint", required=True)
-    parser.add_argument("--json", default=None)
-    args, passthrough = parser.parse_known_args()
-    if not os.path.isfile(args.cloud_checkpoint):
-        parser.error(f"--cloud_checkpoint: [{args.cloud_checkpoint}] is not a file; write one with benchmarks/quality.py")
-    settings = {"backbone": args.backbone, "protocol": args.protocol, "seed": args.seed, "show_progress": False,
-                "cloud_checkpoint": args.cloud_checkpoint}
-    sys.argv = sys.argv[:1] + passthrough  # RecBole's Config reads --key=value from the command line
-    config, (train_data, valid_data, _), model, trainer = build(settings, dataset=args.dataset)
-    trainer.verbose = False
-    trainer._load_cloud(args.cloud_checkpoint)
+    args, config, (train_data, valid_data, _), model, trainer = round0.load(round0.parser_for(__doc__, "incremental"))
 
     rows = trainer._start_round(RoundSchedule(config, train_data), 1)
     trainer._device_phase(1, train_data.dataset, rows)

@@ -14,18 +14,14 @@ test targets the user had already consumed in training, which is what a per-user
 The extra ``--key=value`` arguments must match the checkpoint's round-0 settings, as for any run that loads it.
 """
 
-import argparse
 import json
 import math
-import os
-import sys
 
 import torch
 from torch.nn import functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from recbole_dccl.data import RoundSchedule  # noqa: E402
-from tests.helpers import build  # noqa: E402
+import round0
+from recbole_dccl.data import RoundSchedule
 
 TOP = 10
 CHUNK = 4096
@@ -67,24 +63,11 @@ class Split:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--backbone", default="GRU4Rec")
-    parser.add_argument("--protocol", default="static")
-    parser.add_argument("--seed", type=int, default=2020)
-    parser.add_argument("--cloud_checkpoint", required=True)
+    parser = round0.parser_for(__doc__, "static")
     parser.add_argument("--steps", default="5,10,20,50,100,200", help="comma-separated step budgets to score at")
     parser.add_argument("--shift_learning_rate", type=float, default=0.01)
-    parser.add_argument("--json", default=None)
-    args, passthrough = parser.parse_known_args()
-    if not os.path.isfile(args.cloud_checkpoint):
-        parser.error(f"--cloud_checkpoint: [{args.cloud_checkpoint}] is not a file; write one with benchmarks/quality.py")
+    args, config, (train_data, valid_data, test_data), model, trainer = round0.load(parser)
     budgets = sorted(int(step) for step in args.steps.split(","))
-    settings = {"backbone": args.backbone, "protocol": args.protocol, "seed": args.seed, "show_progress": False,
-                "cloud_checkpoint": args.cloud_checkpoint}
-    sys.argv = sys.argv[:1] + passthrough  # RecBole's Config reads --key=value from the command line
-    config, (train_data, valid_data, test_data), model, trainer = build(settings, dataset=args.dataset)
-    trainer._load_cloud(args.cloud_checkpoint)
     model.eval()
     backbone = model.backbone
     if not hasattr(backbone, "item_embedding"):

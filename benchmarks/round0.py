@@ -1,0 +1,36 @@
+"""A round-0 cloud model written by ``benchmarks/quality.py`` (its ``cloud_checkpoint``), loaded for a diagnosis
+script with the same data and settings: the scripts' shared command line and loading."""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import build  # noqa: E402
+
+
+def parser_for(description, protocol):
+    """The shared arguments; a script adds its own before :func:`load`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--backbone", default="GRU4Rec")
+    parser.add_argument("--protocol", default=protocol)
+    parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--cloud_checkpoint", required=True)
+    parser.add_argument("--json", default=None)
+    return parser
+
+
+def load(parser):
+    """``args, config, (train, valid, test), model, trainer`` with the checkpoint's cloud model loaded. The extra
+    ``--key=value`` arguments go to RecBole's Config and must match the checkpoint's round-0 settings."""
+    args, passthrough = parser.parse_known_args()
+    if not os.path.isfile(args.cloud_checkpoint):
+        parser.error(f"--cloud_checkpoint: [{args.cloud_checkpoint}] is not a file; write one with benchmarks/quality.py")
+    settings = {"backbone": args.backbone, "protocol": args.protocol, "seed": args.seed, "show_progress": False,
+                "cloud_checkpoint": args.cloud_checkpoint}
+    sys.argv = sys.argv[:1] + passthrough  # RecBole's Config reads --key=value from the command line
+    config, data, model, trainer = build(settings, dataset=args.dataset)
+    trainer.verbose = False
+    trainer._load_cloud(args.cloud_checkpoint)
+    return args, config, data, model, trainer
