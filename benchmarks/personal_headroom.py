@@ -66,7 +66,7 @@ def main():
     parser = round0.parser_for(__doc__, "static")
     parser.add_argument("--steps", default="5,10,20,50,100,200", help="comma-separated step budgets to score at")
     parser.add_argument("--shift_learning_rate", type=float, default=0.01)
-    args, config, (train_data, valid_data, test_data), model, trainer = round0.load(parser)
+    args, config, (train_data, valid_data, test_data), model, _ = round0.load(parser)
     budgets = sorted(int(step) for step in args.steps.split(","))
     model.eval()
     backbone = model.backbone
