@@ -1,5 +1,6 @@
 """Build config, data and model the way run_recbole_dccl does, for tests that need the pieces."""
 
+import importlib.util
 import logging
 import os
 
@@ -10,6 +11,15 @@ from recbole.utils import init_logger, init_seed
 from recbole_dccl.config import DCCLConfig
 from recbole_dccl.data import RoundSchedule
 from recbole_dccl.utils import get_model, get_trainer
+
+
+def benchmark_module(name):
+    """``benchmarks/<name>.py`` imported as a module (the folder is not a package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build(config_dict, model="DCCL", dataset="tiny"):

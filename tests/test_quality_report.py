@@ -1,16 +1,14 @@
 """benchmarks/quality.py's report on hand-made result files: paired gains, intervals, tables and plots."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("quality", os.path.join(ROOT, "benchmarks", "quality.py"))
-quality = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(quality)
+from tests.helpers import benchmark_module
+
+quality = benchmark_module("quality")
 
 USERS = list(range(1, 41))
 GROUPS = {"G1 [1, 5]": USERS[:20], "G2 [6, 9]": USERS[20:]}

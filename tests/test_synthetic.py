@@ -1,14 +1,10 @@
 """benchmarks/synthetic.py: long-tailed activity, and the personal favourites of the positive control."""
 
-import importlib.util
-import os
-
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("synthetic", os.path.join(ROOT, "benchmarks", "synthetic.py"))
-synthetic = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(synthetic)
+from tests.helpers import benchmark_module
+
+synthetic = benchmark_module("synthetic")
 
 
 def test_every_user_gets_at_least_the_minimum_and_the_counts_add_up():
