@@ -86,11 +86,11 @@ def main():
 
     shift = torch.zeros(dataset.user_num, items.shape[1], requires_grad=True)
     optimizer = torch.optim.Adam([shift], lr=args.shift_learning_rate)
-    users = local_user.unique().numel()
+    local_users = local_user.unique()
 
     def score(step):
         with torch.no_grad():
-            record = {"step": step, "shift_norm": shift[local_user.unique()].norm(dim=1).mean().item()}
+            record = {"step": step, "shift_norm": shift[local_users].norm(dim=1).mean().item()}
             for name, split in splits.items():
                 record[f"{name}_ndcg@10"] = split.ndcg(items, shift, consumed, masked=False)
                 record[f"{name}_ndcg@10_consumed_masked"] = split.ndcg(items, shift, consumed, masked=True)
@@ -103,14 +103,14 @@ def main():
         for start in range(0, len(local_target), CHUNK):
             part = slice(start, start + CHUNK)
             logits = (local_z[part] + shift[local_user[part]]) @ items.T
-            (F.cross_entropy(logits, local_target[part], reduction="sum") / users).backward()
+            (F.cross_entropy(logits, local_target[part], reduction="sum") / len(local_users)).backward()
         optimizer.step()
         if step in budgets:
             history.append(score(step))
 
     report = {
         "dataset": args.dataset, "backbone": args.backbone, "protocol": args.protocol, "seed": args.seed,
-        "local_rows": len(rows), "users": users,
+        "local_rows": len(rows), "users": len(local_users),
         "representation_norm": local_z.norm(dim=1).mean().item(),
         "consumed_share": {name: split.consumed_share(consumed) for name, split in splits.items()},
         "history": history,
