@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recbole_dccl.data import RoundSchedule  # noqa: E402
+from recbole_dccl.quick_start import write_result_file  # noqa: E402
 from recbole_dccl.trainer.momodistill import (  # noqa: E402
     DeviceTeachers,
     _run_epoch,
@@ -107,8 +108,7 @@ def main():
         records.append(measure(args, backbone))
         print(json.dumps(records[-1]))
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump(records, file, indent=2)
+        write_result_file(args.json, records)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ for millions of users is not what is measured here, and the cost of the device p
 """
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -42,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import synthetic  # noqa: E402
 from recbole_dccl.data import RoundSchedule, positions_from_newest  # noqa: E402
+from recbole_dccl.quick_start import write_result_file  # noqa: E402
 from recbole_dccl.trainer.device_phase import (  # noqa: E402
     DeviceSettings,
     LocalData,
@@ -290,8 +290,7 @@ def main():
                 print_table(records[-1:])
     print_table(records)
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump(records, file, indent=2)
+        write_result_file(args.json, records)
 
 
 if __name__ == "__main__":

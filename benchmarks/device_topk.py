@@ -19,6 +19,7 @@ import torch
 
 import round0
 from recbole_dccl.data import RoundSchedule
+from recbole_dccl.quick_start import write_result_file
 
 TOP = 10
 
@@ -80,8 +81,7 @@ def main():
         }
     print(json.dumps(report))
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump(report, file, indent=2)
+        write_result_file(args.json, report)
 
 
 if __name__ == "__main__":

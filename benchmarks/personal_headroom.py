@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 import round0
 from recbole_dccl.data import RoundSchedule
+from recbole_dccl.quick_start import write_result_file
 
 TOP = 10
 CHUNK = 4096
@@ -121,8 +122,7 @@ def main():
     }
     print(json.dumps({key: value for key, value in report.items() if key != "history"}))
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump(report, file, indent=2)
+        write_result_file(args.json, report)
 
 
 if __name__ == "__main__":
