@@ -50,8 +50,9 @@ class DCCLConfig(Config):
         if family is not None:
             yaml_file = os.path.join(PROPERTIES_DIR, "quick_start_config", family.quick_start_yaml)
             self._update_internal_config_dict(yaml_file)
-        if self.backbone_class is not None:
-            self._update_internal_config_dict(os.path.join(PROPERTIES_DIR, "model", "DCCL.yaml"))
+        plugin_yaml = os.path.join(PROPERTIES_DIR, "model", f"{model_class.__name__}.yaml")
+        if os.path.isfile(plugin_yaml):  # this plugin's models: DCCL, Frequency
+            self._update_internal_config_dict(plugin_yaml)
 
     def _set_default_parameters(self):
         # RecBole derives MODEL_INPUT_TYPE from the model class; for DCCL that is the backbone's.
@@ -103,6 +104,7 @@ SETTING_RULES = {
         lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
         "None, a module name (or regex) or a list of them",
     ),
+    "device_data": (lambda v: v in ("fresh", "all"), "'fresh' or 'all'"),
     "device_epochs": _NON_NEGATIVE_INT,
     "device_learning_rate": _POSITIVE,
     "device_batch_size": _POSITIVE_INT,

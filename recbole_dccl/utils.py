@@ -18,13 +18,14 @@ PROPERTIES_DIR = next(
 )
 
 
-def get_model(model_name):
-    """Return the model class: ``DCCL`` from this plugin, anything else from RecBole."""
-    if model_name == "DCCL":
-        from recbole_dccl.model.dccl import DCCL
+PLUGIN_MODELS = {"DCCL": "recbole_dccl.model.dccl", "Frequency": "recbole_dccl.model.frequency"}
 
-        return DCCL
-    return recbole_model_class(model_name, "model", "DCCL or the name of a RecBole model, e.g. SASRec")
+
+def get_model(model_name):
+    """Return the model class: ``DCCL`` and the ``Frequency`` baselines from this plugin, anything else from RecBole."""
+    if model_name in PLUGIN_MODELS:
+        return getattr(importlib.import_module(PLUGIN_MODELS[model_name]), model_name)
+    return recbole_model_class(model_name, "model", f"one of {list(PLUGIN_MODELS)} or the name of a RecBole model, e.g. SASRec")
 
 
 def recbole_model_class(name, key, valid):

@@ -97,7 +97,7 @@ def test_bad_backbone_and_round_0_settings_are_refused(tiny_config, key, value, 
 
 
 def test_unknown_model_is_refused_by_name(tiny_config):
-    with pytest.raises(InputError, match=r"model: \[Nope\] is not a model RecBole has; it must be DCCL or the name"):
+    with pytest.raises(InputError, match=r"model: \[Nope\] is not a model RecBole has; it must be one of \['DCCL', 'Frequency'\] or the name"):
         DCCLConfig(model="Nope", dataset="tiny", config_dict=tiny_config)
 
 
