@@ -47,15 +47,17 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
         )
         result = dict(trainer.report)
         test_result = result["dccl_device"]["test"]
-        for name in ("cloud_only", "dccl_cloud", "dccl_device"):
-            logger.info(set_color(f"{name} test result", "yellow") + f": {result[name]['test']}")
-            logger.info(set_color(f"{name} test result by user group", "yellow") + "\n" + group_table(result[name]["test_groups"]))
+        for name in ("cloud_only", "dccl_cloud", "dccl_device", "deployed_cloud", "deployed_device"):
+            reading = result[name]
+            logger.info(set_color(f"{name} test result", "yellow") + f" (round {reading['round']} {reading['phase']}): {reading['test']}")
+            logger.info(set_color(f"{name} test result by user group", "yellow") + "\n" + group_table(reading["test_groups"]))
     else:
         best_valid_score, best_valid_result = trainer.fit(
             train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
         )
         test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
-        result = {"test_groups": trainer.group_result}
+        result = {"test_groups": trainer.group_result, "test_users": trainer.user_result,
+                  "user_groups": trainer.eval_collector.groups.members()}
         logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
         logger.info(set_color("test result", "yellow") + f": {test_result}")
         logger.info(set_color("test result by user group", "yellow") + "\n" + group_table(trainer.group_result))

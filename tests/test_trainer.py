@@ -83,6 +83,19 @@ def test_end_to_end_writes_all_three_views(tiny_config, tmp_path, protocol):
     best = max(entry["device"]["valid"]["ndcg@10"] for entry in written["history"])
     assert written["dccl_device"]["valid"]["ndcg@10"] == best
     assert result["test_result"] == written["dccl_device"]["test"]
+    # The deployed reading: what the cloud and the devices run after the last phase, whatever valid says.
+    for view in ("cloud", "device"):
+        deployed = written[f"deployed_{view}"]
+        assert deployed["test"] == written["history"][-1][view]["test"]
+        assert len(deployed["test_users"]["ndcg@10"]) == 30
+    assert (written["deployed_device"]["round"], written["deployed_device"]["phase"]) == (2, "shared")
+    assert (written["deployed_cloud"]["round"], written["deployed_cloud"]["phase"]) == (2, "momodistill")
+    for view in ("cloud", "device"):
+        selection, chosen = written["selection"][view], written[f"dccl_{view}"]
+        assert (selection["round"], selection["phase"]) == (chosen["round"], chosen["phase"])
+        dccl_best = max(e[view]["valid"]["ndcg@10"] for e in written["history"] if e["round"] > 0)
+        assert selection["best_dccl_phase"]["valid"] == dccl_best
+        assert ("selection kept round 0" in selection["message"]) == (chosen["round"] == 0)
 
 
 def phases(result):

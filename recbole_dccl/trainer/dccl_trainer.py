@@ -55,7 +55,8 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         for round_idx in range(1, self.config["rounds"] + 1):
             device_rows = self._start_round(schedule, round_idx)
             if self.has_devices:
-                device_phase = lambda: self._device_phase(round_idx, train_data.dataset, device_rows)
+                local_rows = schedule.local_rows(round_idx)
+                device_phase = lambda: self._device_phase(round_idx, train_data.dataset, local_rows)
                 self._phase(round_idx, "device", device_phase, changed=("device",))
             self._phase(round_idx, "momodistill", lambda: self._momodistill(round_idx))
             if self.has_devices:
@@ -179,9 +180,10 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         settings = DeviceSettings(self.config)
         local = LocalData.from_rows(dataset, rows, settings.valid_size, self.device, share=user_share(self.config))
         start_metapatch = self.model.metapatch[local.users]
-        result = personalise(
-            self.model, local, start_metapatch, settings, self.config["seed"] + round_idx, keep=self.round_cache
-        )
+        # The outputs it computes are kept for MoMoDistill's teachers when the devices hold just the round's rows
+        # (the rows they hold always include those: only their number tells the two apart).
+        keep = self.round_cache if len(rows) == len(self.round_loader.dataset) else None
+        result = personalise(self.model, local, start_metapatch, settings, self.config["seed"] + round_idx, keep=keep)
         users, metapatch = gather_user_rows(self.config, local.users, result.metapatch, len(self.model.metapatch))
         self.model.metapatch[users] = metapatch
         self.model.uploaded_metapatch[users] = metapatch
@@ -237,7 +239,8 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
 
     def _record(self, round_idx, phase, best=None, changed=None):
         """Score the views a phase ``changed`` (default: both), log them, and keep the best of each view on valid;
-        a view the phase left alone keeps its previous scores. Per-user test values are kept for the best only."""
+        a view the phase left alone keeps its previous scores. Per-user test values are kept for the best and for
+        the latest scores of each view (``deployed_<view>``: what the cloud and the devices run from now on)."""
         entry, scored = {"round": round_idx, "phase": phase}, {}
         best = best or {}
         for view in self.model.VIEWS:
@@ -251,8 +254,9 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
                 self.logger.info(
                     set_color(f"round {round_idx} {phase} {view} view valid", "blue") + ": " + dict2str(scores["valid"])
                 )
+            best[f"deployed_{view}"] = {"round": round_idx, "phase": phase, **scores}
             if view not in best or self._better(scores["score"], best[view]["score"]):
-                best[view] = {"round": round_idx, "phase": phase, **scores}
+                best[view] = best[f"deployed_{view}"]
                 if view == "device":
                     best["device_state"] = copy.deepcopy(self.model.state_dict())
         if round_idx == 0:
@@ -270,16 +274,47 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
 
     def _report(self, best):
         strip = lambda scores: {key: value for key, value in scores.items() if key != "score"}
+        selection = {view: self._selection(view, best[view]) for view in self.model.VIEWS}
+        for view in self.model.VIEWS:
+            self._log(selection[view]["message"])
         return {
             "cloud_only": strip(best["cloud_only"]),
             "dccl_cloud": strip(best["cloud"]),
             "dccl_device": strip(best["device"]),
+            "deployed_cloud": strip(best["deployed_cloud"]),
+            "deployed_device": strip(best["deployed_device"]),
+            "selection": selection,
             "history": self.history,
             "user_groups": self.eval_collector.groups.members(),
             "config": self._settings(),
             "phase_seconds": self.phase_seconds,
             **({"cold_start": self.cold_start} if self.cold_start else {}),
         }
+
+    def _selection(self, view, chosen):
+        """Which phase ``view`` reports (the best on valid), and in words why: when round 0 won, the best DCCL
+        phase and how far below round 0 it scored."""
+        metric = self.valid_metric
+        scored = [entry for entry in self.history if entry["round"] > 0]
+        picked = {"round": chosen["round"], "phase": chosen["phase"], "valid": chosen["score"]}
+        where = f"round {chosen['round']} {chosen['phase']}"
+        if not scored:
+            return {**picked, "message": f"{view} view: {where} (no DCCL round ran)"}
+        runner_up = scored[0]
+        for entry in scored[1:]:
+            if self._better(entry[view]["valid"][metric], runner_up[view]["valid"][metric]):
+                runner_up = entry
+        other = runner_up[view]["valid"][metric]
+        if chosen["round"] > 0:
+            message = f"{view} view: {where} selected on valid {metric} {chosen['score']:.4f}"
+        else:
+            change = other / chosen["score"] - 1 if chosen["score"] else float("nan")
+            message = (
+                f"{view} view: selection kept round 0 (valid {metric} {chosen['score']:.4f}): no DCCL phase beat it; "
+                f"the best, round {runner_up['round']} {runner_up['phase']}, scored {other:.4f} ({100 * change:+.1f}%)"
+            )
+        best_dccl = {"round": runner_up["round"], "phase": runner_up["phase"], "valid": other}
+        return {**picked, "best_dccl_phase": best_dccl, "message": message}
 
     def _check_nan(self, loss):
         """RecBole's round-0 check, for inf as well as nan."""
