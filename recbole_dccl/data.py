@@ -68,16 +68,27 @@ class RoundSchedule:
             return np.flatnonzero(~self.is_cold)
         return np.flatnonzero((self.block == round_idx) & ~self.is_cold)
 
+    def local_rows(self, round_idx):
+        """Rows the devices train their metapatches on in round ``round_idx`` (``device_data``): ``fresh``, the
+        round's :meth:`device_rows`; ``all``, every row their users have produced up to that round (a device keeps
+        its user's history; the cloud still takes in only the round's rows)."""
+        if self.config["device_data"] == "fresh":
+            return self.device_rows(round_idx)
+        return np.flatnonzero(self.visible_mask(round_idx) & ~self.is_cold)
+
     def cold_rows(self):
         """The cold users' rows, all of them on their own devices: what they hold when they arrive after the
         rounds (their training rows of every round)."""
         return np.flatnonzero(self.is_cold)
 
-    def visible_rows(self, round_idx):
-        """Rows of all data produced up to round ``round_idx``: what a device has seen of its user."""
+    def visible_mask(self, round_idx):
+        """Whether each row was produced by round ``round_idx``: what a device has seen of its user."""
         if self.config["protocol"] == "static":
-            return np.arange(len(self.block))
-        return np.flatnonzero(self.block <= round_idx)
+            return np.ones(len(self.block), dtype=bool)
+        return self.block <= round_idx
+
+    def visible_rows(self, round_idx):
+        return np.flatnonzero(self.visible_mask(round_idx))
 
     def loader(self, rows, shuffle=True):
         """A RecBole training dataloader over ``rows`` of the training set, each numbered by its place in ``rows``

@@ -26,3 +26,17 @@ def test_static_schedule_shares_all_rows(tiny_config):
     config, (train_data, _, _), _, _ = build({**tiny_config, "protocol": "static"})
     schedule = RoundSchedule(config, train_data)
     assert len(schedule.cloud_rows()) == len(schedule.device_rows(1)) == len(train_data.dataset)
+
+
+def test_device_data_chooses_what_a_device_trains_on(tiny_config):
+    settings = {**tiny_config, "rounds": 2, "fresh_interactions": 3, "cold_start_ratio": 0.2}
+    config, (train_data, _, _), _, _ = build({**settings, "device_data": "fresh"})
+    fresh = RoundSchedule(config, train_data)
+    config, (train_data, _, _), _, _ = build({**settings, "device_data": "all"})
+    every = RoundSchedule(config, train_data)
+    assert np.array_equal(fresh.local_rows(2), fresh.device_rows(2))
+    # all: round 0's and every round's rows so far, of the users who take part (not the cold ones)
+    expected = np.concatenate([every.cloud_rows(), every.device_rows(1), every.device_rows(2)])
+    assert np.array_equal(every.local_rows(2), np.sort(expected))
+    assert np.array_equal(every.local_rows(1), np.sort(np.concatenate([every.cloud_rows(), every.device_rows(1)])))
+    assert not np.isin(every.local_rows(2), every.cold_rows()).any()
