@@ -28,6 +28,10 @@ VARIANTS = {
     "data": {"device_method": "none", "cloud_method": "data"},  # model-over-data: incremental training, no devices
     "patch": {"device_method": "patch"},  # a full per-user patch instead of a metapatch
     "selfdistill": {"device_method": "none"},  # MoMoDistill's loss with the cloud model as every device's teacher
+    # Plain models (``model`` other than DCCL), trained on every training row, on the same splits and metrics:
+    "pop": {"model": "Frequency", "frequency_scope": "global", "epochs": 1},  # global popularity, nothing masked
+    "frequency": {"model": "Frequency", "frequency_scope": "user", "epochs": 1},  # each user's own items by count
+    "repeatnet": {"model": "RepeatNet"},  # RecBole's repeat-aware sequential model, the round-0 budget
 }
 RANKING_METRICS = ("ndcg@10", "hit@10")
 BOOTSTRAP_SAMPLES = 2000
@@ -44,13 +48,13 @@ def run_cell(args, passthrough, variant, overrides, seed):
         return
     settings = {
         "model": "DCCL", "dataset": args.dataset, "backbone": args.backbone, "protocol": args.protocol,
-        "seed": seed, "result_file": cell, "show_progress": False,
+        "seed": seed, "result_file": cell, "show_progress": False, "config_files": args.config_files,
         "cloud_checkpoint": os.path.join(args.out, "cloud", f"{args.backbone}-{args.protocol}-seed{seed}.pth"),
         "checkpoint_dir": os.path.join(args.out, "saved", f"{variant}-seed{seed}"),
         **overrides,
     }
     command = [sys.executable, os.path.join(ROOT, "run_recbole_dccl.py")]
-    command += [f"--{key}={value}" for key, value in settings.items()] + passthrough
+    command += [f"--{key}={value}" for key, value in settings.items() if value is not None] + passthrough
     log = os.path.join(args.out, "logs", f"{variant}-seed{seed}.log")
     print(f"running {variant} seed {seed} (log: {log})", flush=True)
     with open(log, "w") as file:
@@ -73,16 +77,32 @@ def load_cells(out, variants, seeds):
     return cells
 
 
+def is_dccl(cell):
+    return "cloud_only" in cell
+
+
+def plain_reading(cell):
+    """A plain model's result file read as one view: valid at its best epoch, test, per group and per user."""
+    return {"valid": cell["best_valid_result"], "test": cell["test_result"], "test_groups": cell["test_groups"],
+            "test_users": cell["test_users"]}
+
+
 def model_rows(cells, variants, seeds):
-    """``{row name: [one result per seed]}``: cloud-only, then each variant's cloud and device views (one row
-    when the variant has no device models)."""
-    first = variants[0]
-    rows = {"cloud-only": [cells[first, seed]["cloud_only"] for seed in seeds]}
+    """``{row name: [one result per seed]}``: cloud-only (of the first DCCL variant), then per DCCL variant its cloud
+    and device views as selected on valid and as deployed at the end of its last round (no device rows when the
+    variant has no device models), per plain model (a baseline) its one reading."""
+    dccl_variants = [variant for variant in variants if is_dccl(cells[variant, seeds[0]])]
+    rows = {"cloud-only": [cells[dccl_variants[0], seed]["cloud_only"] for seed in seeds]} if dccl_variants else {}
     for variant in variants:
-        has_devices = cells[variant, seeds[0]]["config"].get("device_method", "metapatch") != "none"
-        rows[f"{variant} cloud"] = [cells[variant, seed]["dccl_cloud"] for seed in seeds]
-        if has_devices:
-            rows[f"{variant} device"] = [cells[variant, seed]["dccl_device"] for seed in seeds]
+        first = cells[variant, seeds[0]]
+        if not is_dccl(first):
+            rows[variant] = [plain_reading(cells[variant, seed]) for seed in seeds]
+            continue
+        views = ("cloud", "device") if first["config"].get("device_method", "metapatch") != "none" else ("cloud",)
+        for view in views:
+            rows[f"{variant} {view}"] = [cells[variant, seed][f"dccl_{view}"] for seed in seeds]
+            if "deployed_cloud" in first:
+                rows[f"{variant} {view} deployed"] = [cells[variant, seed][f"deployed_{view}"] for seed in seeds]
     return rows
 
 
@@ -129,7 +149,7 @@ def summarise(cells, variants, seeds):
     baselines = rows["cloud-only"]
     metrics = reported_metrics(baselines[0]["test"])
     group_names = list(baselines[0]["test_groups"])
-    members = [cells[variants[0], seed]["user_groups"] for seed in seeds]
+    members = [cells[variants[0], seed]["user_groups"] for seed in seeds]  # groups depend on the data alone
     summary = {"seeds": seeds, "variants": variants, "metrics": metrics, "groups": group_names, "rows": {}}
     for name, results in rows.items():
         row = {
@@ -150,7 +170,9 @@ def summarise(cells, variants, seeds):
                 for scope, group in (("all", None), ("least_active_group", group_names[0]))
             }
         summary["rows"][name] = row
-    summary["rounds"] = round_curves(cells, variants, seeds, metrics[0])
+    dccl_variants = [variant for variant in variants if is_dccl(cells[variant, seeds[0]])]
+    summary["rounds"] = round_curves(cells, dccl_variants, seeds, metrics[0])
+    summary["by_rounds"] = by_rounds(cells, dccl_variants, seeds, metrics[0])
     summary["cold_start"] = cold_start_rows(cells, variants, seeds, metrics)
     return summary
 
@@ -167,6 +189,29 @@ def round_curves(cells, variants, seeds, metric):
                 statistics.fmean(history[step][view]["test"][metric] for history in histories) for step in range(len(phases))
             ]
     return curves
+
+
+def by_rounds(cells, variants, seeds, metric):
+    """Per variant and number of rounds R run so far: each view's mean test ``metric`` as selected on valid among
+    the phases up to round R, and as deployed at the end of round R."""
+    table = {}
+    for variant in variants:
+        histories = [cells[variant, seed]["history"] for seed in seeds]
+        bigger = cells[variant, seeds[0]].get("valid_score_bigger", True)
+        table[variant] = {}
+        for rounds in range(1, max(entry["round"] for entry in histories[0]) + 1):
+            row = {}
+            for view in ("cloud", "device"):
+                selected, deployed = [], []
+                for history in histories:
+                    so_far = [entry for entry in history if entry["round"] <= rounds]
+                    key = lambda entry: entry[view]["valid"][metric] * (1 if bigger else -1)
+                    best = max(so_far, key=key)  # the first of equal scores, as the trainer keeps it
+                    selected.append(best[view]["test"][metric])
+                    deployed.append(so_far[-1][view]["test"][metric])
+                row[view] = {"selected": statistics.fmean(selected), "deployed": statistics.fmean(deployed)}
+            table[variant][rounds] = row
+    return table
 
 
 COLD_STARTS = ("cloud_only", "zero", "zero_finetuned", "encoder", "encoder_finetuned")
@@ -229,6 +274,15 @@ def markdown(summary):
             for group in summary["groups"]
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if any(len(table) > 1 for table in summary["by_rounds"].values()):
+        lines += ["", f"Test {main} (mean over seeds) after R rounds: selected on valid among the phases so far / "
+                  "deployed at the end of round R:", "", "| model | R | cloud selected | cloud deployed | "
+                  "device selected | device deployed |", "|---" * 6 + "|"]
+        for variant, table in summary["by_rounds"].items():
+            for rounds, row in table.items():
+                lines.append(f"| {variant} | {rounds} | " + " | ".join(
+                    f"{row[view][reading]:.4f}" for view in ("cloud", "device") for reading in ("selected", "deployed")
+                ) + " |")
     if summary["cold_start"]:
         lines += ["", "Cold-start users (the `cold` group, held out of all cloud training); gain per seed:", "",
                   f"| model | users | valid {main} | " + " | ".join(f"test {m}" for m in metrics) + " | "
@@ -306,7 +360,13 @@ def main():
     parser.add_argument("--out", default="results/quality")
     parser.add_argument("--variants", default="dccl,data", help=f"comma-separated, from {list(VARIANTS)} and --variant")
     parser.add_argument("--variant", action="append", default=[], help="define one: name:key=value,key=value")
+    parser.add_argument("--config_files", default=None, help="RecBole config files for every run, space-separated")
     args, passthrough = parser.parse_known_args()
+    # Every run works in --out: paths given relative to here must still find their files there.
+    if args.config_files:
+        args.config_files = " ".join(os.path.abspath(path) for path in args.config_files.split())
+    passthrough = [f"--data_path={os.path.abspath(arg.split('=', 1)[1])}" if arg.startswith("--data_path=") else arg
+                   for arg in passthrough]
     out = os.path.abspath(args.out)
     for folder in ("cells", "logs", "cloud", "saved"):
         os.makedirs(os.path.join(out, folder), exist_ok=True)

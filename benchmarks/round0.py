@@ -18,6 +18,7 @@ def parser_for(description, protocol):
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--cloud_checkpoint", required=True)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--config_files", default=None, help="RecBole config files, space-separated")
     return parser
 
 
@@ -30,7 +31,8 @@ def load(parser):
     settings = {"backbone": args.backbone, "protocol": args.protocol, "seed": args.seed, "show_progress": False,
                 "cloud_checkpoint": args.cloud_checkpoint}
     sys.argv = sys.argv[:1] + passthrough  # RecBole's Config reads --key=value from the command line
-    config, data, model, trainer = build(settings, dataset=args.dataset)
+    config_files = args.config_files.split() if args.config_files else None
+    config, data, model, trainer = build(settings, dataset=args.dataset, config_file_list=config_files)
     trainer.verbose = False
     trainer._load_cloud(args.cloud_checkpoint)
     return args, config, data, model, trainer

@@ -22,8 +22,8 @@ def benchmark_module(name):
     return module
 
 
-def build(config_dict, model="DCCL", dataset="tiny"):
-    config = DCCLConfig(model=model, dataset=dataset, config_dict=config_dict)
+def build(config_dict, model="DCCL", dataset="tiny", config_file_list=None):
+    config = DCCLConfig(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logging.getLogger().setLevel(logging.ERROR)

@@ -29,8 +29,16 @@ def view(values):
 def cell(cloud_only, cloud, device, device_method="metapatch"):
     history = [{"round": 0, "phase": "cloud", "cloud": cloud_only, "device": cloud_only},
                {"round": 1, "phase": "momodistill", "cloud": cloud, "device": device}]
-    return {"cloud_only": cloud_only, "dccl_cloud": cloud, "dccl_device": device, "history": history,
-            "user_groups": GROUPS, "config": {"device_method": device_method}}
+    return {"cloud_only": cloud_only, "dccl_cloud": cloud, "dccl_device": device, "deployed_cloud": cloud,
+            "deployed_device": device, "history": history, "user_groups": GROUPS,
+            "config": {"device_method": device_method}}
+
+
+def plain_cell(values):
+    """A plain model's result file (a baseline run through run_recbole_dccl.py)."""
+    reading = view(values)
+    return {"best_valid_result": reading["valid"], "test_result": reading["test"],
+            "test_groups": reading["test_groups"], "test_users": reading["test_users"], "user_groups": GROUPS}
 
 
 @pytest.fixture
@@ -43,6 +51,7 @@ def cells(tmp_path):
         cells = {
             "dccl": cell(view(base), view(base), view(base * tail_boost)),
             "data": cell(view(base), view(base * 0.9), view(base * 0.9), device_method="none"),
+            "frequency": plain_cell(base * 2),
         }
         for name, content in cells.items():
             with open(tmp_path / "cells" / f"{name}-seed{seed}.json", "w") as file:
@@ -53,7 +62,8 @@ def cells(tmp_path):
 def test_paired_gain_and_interval(cells):
     summary = quality.summarise(quality.load_cells(cells, ["dccl", "data"], [2020, 2021]), ["dccl", "data"], [2020, 2021])
     rows = summary["rows"]
-    assert list(rows) == ["cloud-only", "dccl cloud", "dccl device", "data cloud"]
+    assert list(rows) == ["cloud-only", "dccl cloud", "dccl cloud deployed", "dccl device", "dccl device deployed",
+                          "data cloud", "data cloud deployed"]
     assert rows["cloud-only"]["paired_gain"]["ndcg@10"] == {"gain": 0.0, "ci95": [0.0, 0.0]}
     assert rows["data cloud"]["paired_gain"]["ndcg@10"]["gain"] == pytest.approx(-0.1)
     assert rows["data cloud"]["paired_gain"]["ndcg@10"]["ci95"] == pytest.approx([-0.1, -0.1])
@@ -66,6 +76,17 @@ def test_paired_gain_and_interval(cells):
     assert versus_data["gain"] == pytest.approx(1 / 0.9 - 1)
     assert "paired_gain_vs_data" not in rows["data cloud"]
     assert summary["rounds"]["dccl"]["phases"] == ["0:cloud", "1:momodistill"]
+    device = rows["dccl device"]["test"]["ndcg@10"]["mean"]
+    assert summary["by_rounds"]["dccl"][1]["device"] == {"selected": pytest.approx(device), "deployed": pytest.approx(device)}
+
+
+def test_plain_baselines_are_rows_of_their_own(cells):
+    variants = ["dccl", "data", "frequency"]
+    summary = quality.summarise(quality.load_cells(cells, variants, [2020, 2021]), variants, [2020, 2021])
+    row = summary["rows"]["frequency"]
+    assert row["paired_gain"]["ndcg@10"]["gain"] == pytest.approx(1.0)
+    assert row["paired_gain_vs_data"]["all"]["ndcg@10"]["gain"] == pytest.approx(2 / 0.9 - 1)
+    assert "frequency" not in summary["rounds"] and "| frequency |" in quality.markdown(summary)
 
 
 def test_report_files(cells):
