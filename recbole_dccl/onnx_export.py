@@ -1,0 +1,109 @@
+"""The device artifacts for ONNX Runtime (``python -m recbole_dccl.export --format=onnx``): the shared device model
+to score with, and the training artifacts of ``onnxruntime-training`` to train a metapatch with. The device side,
+which needs ``onnxruntime`` and numpy only, is the package :mod:`dccl_device`.
+
+Both are exported with torch's own ONNX exporter (``torch.onnx.export``, the ``torch.export``-based one), opset
+:data:`OPSET`, for ``onnxruntime-training-cpu`` 1.19.2, the last release of ONNX Runtime's on-device training
+package. Three things the two do not agree on are mended here (docs/deployment.md, "On ONNX Runtime"):
+
+- the exporter types the per-row loss of ``cross_entropy(reduction="none")`` as a scalar in the graph's
+  ``value_info``; ONNX's checker, which ``generate_artifacts`` runs, refuses the graph. The shape hints are dropped
+  (ONNX Runtime infers shapes itself).
+- ``generate_artifacts`` builds the optimizer graph with the IR version of the installed ``onnx`` (1.23: IR 14);
+  ONNX Runtime 1.19 reads IR 10 at most. The graph uses nothing newer, so it is labelled IR 10.
+- its AdamW graph runs the update of Hugging Face's AdamW (``adam_mode`` 1), whose ``eps`` is added before the
+  bias correction; the device phase uses ``torch.optim.Adam``'s update, ONNX Runtime's ``adam_mode`` 0, which
+  with weight decay 0 is exactly Adam.
+"""
+
+import os
+import tempfile
+
+import onnx
+import onnxruntime
+import torch
+from onnxruntime.training import artifacts, onnxblock
+from recbole.data.interaction import Interaction
+from torch import nn
+
+from recbole_dccl.quick_start import write_result_file
+from recbole_dccl.trainer.checkpoint import write_atomic
+
+OPSET = 18
+IR_VERSION = 10  # the newest onnxruntime-training 1.19 reads
+TRAINING_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "settings.json")
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which the device phase uses
+
+
+def save_onnx_program(program, input_names, output_names, path):
+    """Write ``program`` (a ``torch.export`` program) as one ONNX file."""
+    onnx_program = torch.onnx.export(
+        program, input_names=input_names, output_names=output_names, opset_version=OPSET, verbose=False
+    )
+    write_atomic(path, lambda temporary: onnx.save(onnx_program.model_proto, temporary))
+
+
+class DeviceStepLoss(nn.Module):
+    """The loss one device minimises in the device phase, as a module whose only parameter is that device's
+    metapatch (``[1, k]``): ``forward(*features, target, metapatch_start, l2)`` -> the mean data loss of the rows
+    plus ``l2 * |metapatch - metapatch_start|^2``. ``l2`` is an input so that the same graph with ``l2 = 0`` is
+    the local validation loss of the guard."""
+
+    def __init__(self, device_model, objective):
+        super().__init__()
+        self.device_model = device_model
+        self.objective = objective
+        self.metapatch = nn.Parameter(torch.zeros(1, device_model.metapatch_dim))
+
+    def forward(self, *inputs):
+        *features, target, start, l2 = inputs
+        logits = self.device_model(self.metapatch.expand(target.shape[0], -1), *features)
+        loss = self.objective.loss(logits, Interaction({self.objective.target_field: target}))
+        return loss.mean() + l2 * ((self.metapatch - start) ** 2).sum()
+
+
+def export_training_artifacts(device_model, objective, settings, example, folder):
+    """Write the ``onnxruntime-training`` artifacts of :class:`DeviceStepLoss` to ``folder``, only the metapatch
+    trainable, and ``settings.json``: the graph's inputs and the device phase's settings (``settings``, a
+    :class:`DeviceSettings`), which a device trains with. ``example``: rows of the device model's features and the
+    target (placeholders: the training graph keeps no example)."""
+    step_loss = DeviceStepLoss(device_model, objective).eval()
+    inputs = (*example, torch.zeros(1, device_model.metapatch_dim), torch.zeros(()))
+    batch = torch.export.Dim("batch", min=1)
+    dynamic_shapes = ((*({0: batch} for _ in example), None, None),)  # (*inputs,)
+    program = torch.export.export(step_loss, inputs, dynamic_shapes=dynamic_shapes)
+    input_names = [*device_model.fields, objective.target_field, "metapatch_start", "l2"]
+    graph = torch.onnx.export(
+        program, input_names=input_names, output_names=["loss"], opset_version=OPSET, verbose=False
+    ).model_proto
+    graph.graph.ClearField("value_info")
+    frozen = [tensor.name for tensor in graph.graph.initializer if tensor.name != "metapatch"]
+    adam = onnxblock.optim.AdamW(betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
+    os.makedirs(folder, exist_ok=True)
+    onnxruntime.set_default_logger_severity(3)  # errors only: the gradient builder logs every graph pass at INFO
+    with tempfile.TemporaryDirectory(dir=folder) as staging:
+        artifacts.generate_artifacts(
+            graph, requires_grad=["metapatch"], frozen_params=frozen, loss=None, optimizer=adam,
+            artifact_directory=staging,
+        )
+        optimizer = onnx.load(os.path.join(staging, "optimizer_model.onnx"))
+        optimizer.ir_version = IR_VERSION
+        for node in optimizer.graph.node:
+            for attribute in node.attribute:
+                if node.op_type == "AdamWOptimizer" and attribute.name == "adam_mode":
+                    attribute.i = 0  # torch's Adam(W) update
+        onnx.save(optimizer, os.path.join(staging, "optimizer_model.onnx"))
+        for name in TRAINING_FILES[:-1]:
+            write_atomic(os.path.join(folder, name), lambda temporary: os.replace(os.path.join(staging, name), temporary))
+    write_result_file(os.path.join(folder, "settings.json"), {
+        "inputs": input_names,
+        "target": objective.target_field,
+        "metapatch_dim": device_model.metapatch_dim,
+        "epochs": settings.epochs,
+        "learning_rate": settings.learning_rate,
+        "batch_size": settings.batch_size,
+        "valid_size": settings.valid_size,
+        "select": settings.select,
+        "l2": settings.l2,
+        "optimizer": {"name": "Adam", "betas": list(ADAM_BETAS), "eps": ADAM_EPS},
+    })
