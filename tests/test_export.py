@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from recbole_dccl.export import export, load_metapatch, metapatch_file
+from recbole_dccl.errors import InputError
+from recbole_dccl.export import export, load_metapatch, user_file
 from tests.helpers import build
 
 
@@ -22,7 +23,7 @@ def test_exported_device_model_reproduces_device_scores(tiny_config, tmp_path):
     batch, _, _, _ = next(iter(test_data))
     users = batch["user_id"]
     tokens = train_data.dataset.id2token("user_id", users.numpy())
-    metapatch = torch.stack([load_metapatch(metapatch_file(os.path.join(out, "metapatch"), token)) for token in tokens])
+    metapatch = torch.stack([load_metapatch(user_file(os.path.join(out, "metapatch"), token)) for token in tokens])
     assert metapatch.abs().max() > 0  # the devices are personalised, not the cloud model
     model.eval()
     model.view = "device"
@@ -46,3 +47,8 @@ def test_export_refuses_a_checkpoint_of_another_model(tmp_path):
     torch.save({"config": {"model": "GRU4Rec"}, "state_dict": {}}, path)
     with pytest.raises(ValueError, match=r"checkpoint: .*gru.pth\] is not a DCCL checkpoint \(model: 'GRU4Rec'\)"):
         export(path, str(tmp_path / "out"))
+
+
+def test_export_refuses_an_unknown_format(tmp_path):
+    with pytest.raises(InputError, match=r"format: \[tflite\] is not one of torch, onnx"):
+        export(str(tmp_path / "any.pth"), str(tmp_path / "out"), format="tflite")
