@@ -4,8 +4,12 @@ which needs ``onnxruntime`` and numpy only, is the package :mod:`dccl_device`.
 
 Both are exported with torch's own ONNX exporter (``torch.onnx.export``, the ``torch.export``-based one), opset
 :data:`OPSET`, for ``onnxruntime-training-cpu`` 1.19.2, the last release of ONNX Runtime's on-device training
-package. Three things the two do not agree on are mended here (docs/deployment.md, "On ONNX Runtime"):
+package. Four things the two do not agree on are mended here (docs/deployment.md, "On ONNX Runtime"):
 
+- ONNX Runtime's training graphs run every ``BatchNormalization`` in training mode, on the batch's statistics
+  (and fail to build where the exporter has merged equal statistics into one initializer); the device model's are
+  frozen inference-mode layers (DIN's MLP). In the training graph each is replaced by what it computes in
+  inference mode, a per-channel ``Mul`` and ``Add`` (:func:`fold_batch_norms`).
 - the exporter types the per-row loss of ``cross_entropy(reduction="none")`` as a scalar in the graph's
   ``value_info``; ONNX's checker, which ``generate_artifacts`` runs, refuses the graph. The shape hints are dropped
   (ONNX Runtime infers shapes itself).
@@ -19,9 +23,11 @@ package. Three things the two do not agree on are mended here (docs/deployment.m
 import os
 import tempfile
 
+import numpy as np
 import onnx
 import onnxruntime
 import torch
+from onnx import helper, numpy_helper
 from onnxruntime.training import artifacts, onnxblock
 from recbole.data.interaction import Interaction
 from torch import nn
@@ -62,6 +68,30 @@ class DeviceStepLoss(nn.Module):
         return loss.mean() + l2 * ((self.metapatch - start) ** 2).sum()
 
 
+def fold_batch_norms(graph):
+    """Replace each ``BatchNormalization`` of ``graph`` whose scale, bias and statistics are initializers by its
+    inference-mode function ``x * a + b`` (``a = scale / sqrt(var + eps)``, ``b = bias - mean * a``, per channel,
+    axis 1). Reads the input ranks from the exporter's ``value_info``."""
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    ranks = {value.name: len(value.type.tensor_type.shape.dim) for value in graph.value_info}
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "BatchNormalization" or not all(name in constants for name in node.input[1:5]):
+            nodes.append(node)
+            continue
+        scale, bias, mean, var = (numpy_helper.to_array(constants[name]) for name in node.input[1:5])
+        epsilon = next((attribute.f for attribute in node.attribute if attribute.name == "epsilon"), 1e-5)
+        multiplier = scale / np.sqrt(var + epsilon)
+        channel_shape = (-1, *[1] * (ranks[node.input[0]] - 2))
+        output = node.output[0]
+        for name, values in ((f"{output}.bn_multiplier", multiplier), (f"{output}.bn_shift", bias - mean * multiplier)):
+            graph.initializer.append(numpy_helper.from_array(values.astype(np.float32).reshape(channel_shape), name))
+        nodes.append(helper.make_node("Mul", [node.input[0], f"{output}.bn_multiplier"], [f"{output}.bn_scaled"]))
+        nodes.append(helper.make_node("Add", [f"{output}.bn_scaled", f"{output}.bn_shift"], [output]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def export_training_artifacts(device_model, objective, settings, example, folder):
     """Write the ``onnxruntime-training`` artifacts of :class:`DeviceStepLoss` to ``folder``, only the metapatch
     trainable, and ``settings.json``: the graph's inputs and the device phase's settings (``settings``, a
@@ -76,6 +106,7 @@ def export_training_artifacts(device_model, objective, settings, example, folder
     graph = torch.onnx.export(
         program, input_names=input_names, output_names=["loss"], opset_version=OPSET, verbose=False
     ).model_proto
+    fold_batch_norms(graph.graph)
     graph.graph.ClearField("value_info")
     frozen = [tensor.name for tensor in graph.graph.initializer if tensor.name != "metapatch"]
     adam = onnxblock.optim.AdamW(betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)

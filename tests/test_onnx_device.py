@@ -37,15 +37,19 @@ def exported(config_dict, out):
     config, (train_data, _, test_data), model, trainer = build(config_dict)
     with torch.no_grad():
         model.metapatch.normal_(0, 0.5)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):  # statistics as if trained (DIN), not 0 and 1
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 2)
     trainer._save_checkpoint(0, verbose=False)
     manifest = export(trainer.saved_model_file, out, format="onnx", device_data=True)
     return config, train_data, test_data, model, manifest
 
 
-@pytest.mark.parametrize("backbone", ["GRU4Rec", "SASRec", "DeepFM"])
+@pytest.mark.parametrize("backbone", ["GRU4Rec", "SASRec", "DeepFM", "DIN"])
 def test_onnx_device_scores_and_trains_as_the_pytorch_device_phase(tiny_config, backbone, tmp_path):
     settings = {"backbone": backbone, "device_l2": 0.01}
-    if backbone == "DeepFM":
+    if backbone in ("DeepFM", "DIN"):
         settings.update(load_col=None, mlp_hidden_size=[8, 8])  # CTR: every field loaded, ratings give the labels
     out = str(tmp_path / "export")
     config, train_data, test_data, model, manifest = exported({**tiny_config, **settings}, out)
