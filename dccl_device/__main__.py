@@ -17,7 +17,7 @@ import time
 
 from dccl_device.files import load_arrays, save_arrays
 from dccl_device.scoring import Scorer
-from dccl_device.training import train_metapatch
+from dccl_device.training import data_fields, read_settings, train_metapatch
 
 
 def peak_rss_bytes():
@@ -27,7 +27,8 @@ def peak_rss_bytes():
 def score(args):
     started = time.perf_counter()
     scorer = Scorer(args.model)
-    metapatch, data = load_arrays(args.metapatch)["metapatch"], load_arrays(args.data)
+    metapatch = load_arrays(args.metapatch, ["metapatch"])["metapatch"]
+    data = load_arrays(args.data, scorer.features)
     loaded = time.perf_counter()
     scores = scorer(metapatch, data)
     report = {"rows": len(scores), "scores_shape": list(scores.shape), "load_seconds": loaded - started,
@@ -39,7 +40,8 @@ def score(args):
 
 def train(args):
     started = time.perf_counter()
-    start, data = load_arrays(args.metapatch)["metapatch"], load_arrays(args.data)
+    start = load_arrays(args.metapatch, ["metapatch"])["metapatch"]
+    data = load_arrays(args.data, data_fields(read_settings(args.artifacts)))
     result = train_metapatch(args.artifacts, start, data, seed=args.seed)
     save_arrays(args.out, {"metapatch": result.metapatch})
     return {"adopted": result.adopted, "valid_loss_cloud": result.valid_loss_cloud,
@@ -62,7 +64,11 @@ def main(argv=None):
         command.add_argument("--data", required=True, help="the user's local data (.npz, one array per field)")
     args = parser.parse_args(argv)
     imported = peak_rss_bytes()
-    report = score(args) if args.command == "score" else train(args)
+    try:
+        report = score(args) if args.command == "score" else train(args)
+    except (OSError, ValueError) as error:  # a missing or unfit file: its message names it
+        print(f"dccl_device {args.command}: {error}", file=sys.stderr)
+        return 2
     report.update(peak_rss_after_imports_bytes=imported, peak_rss_bytes=peak_rss_bytes())
     print(json.dumps(report, indent=2))
     return 0

@@ -6,10 +6,14 @@ import os
 import numpy as np
 
 
-def load_arrays(path):
-    """``{name: array}`` of an ``.npz`` file."""
+def load_arrays(path, required=()):
+    """``{name: array}`` of an ``.npz`` file; a ``ValueError`` naming the file when it lacks a ``required`` array."""
     with np.load(path) as data:
-        return {name: data[name] for name in data.files}
+        arrays = {name: data[name] for name in data.files}
+    missing = [name for name in required if name not in arrays]
+    if missing:
+        raise ValueError(f"[{path}] has no array {', '.join(missing)}; it holds: {', '.join(arrays) or 'nothing'}.")
+    return arrays
 
 
 def save_arrays(path, arrays):

@@ -39,6 +39,12 @@ def read_settings(folder):
         return json.load(file)
 
 
+def data_fields(settings):
+    """The training graph's inputs that come from the user's data: the device model's fields and the target (the
+    last two, ``metapatch_start`` and ``l2``, are the device's own)."""
+    return settings["inputs"][:-2]
+
+
 class OnDeviceTraining:
     """The training artifacts in ``folder`` loaded into ONNX Runtime on the CPU: the checkpoint (every parameter,
     only the metapatch trainable), the training and eval graphs sharing it, and the optimizer (fresh moments)."""
@@ -90,7 +96,7 @@ def train_metapatch(folder, start, data, shuffle_keys=None, seed=0):
         shuffle_keys = np.random.default_rng(seed).random((settings["epochs"], rows), dtype=np.float32)
 
     def inputs(batch, l2):
-        named = {name: data[name][batch] for name in settings["inputs"][:-2]}
+        named = {name: data[name][batch] for name in data_fields(settings)}
         return {**named, "metapatch_start": start, "l2": np.array(l2, dtype=np.float32)}
 
     def valid_loss(metapatch):

@@ -99,9 +99,17 @@ def test_onnx_device_scores_and_trains_as_the_pytorch_device_phase(tiny_config, 
     assert sizes["device_training_files"] > sizes["backbone"] + sizes["theta"]  # the checkpoint holds W_f and Theta
 
 
+def run_on_device(command, folder):
+    """``python -m dccl_device <command>`` in ``folder`` on a device without torch: any import of it fails
+    (onnxruntime itself then skips its optional torch parts)."""
+    code = f"import sys; sys.modules['torch'] = None; from dccl_device.__main__ import main; sys.exit(main({command!r}))"
+    return subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+
+
 def test_device_command_line_runs_without_torch(tiny_config, tmp_path):
     out = str(tmp_path / "export")
-    config, train_data, _, model, manifest = exported(tiny_config, out)
+    _, train_data, _, _, _ = exported(tiny_config, out)
     token = train_data.dataset.id2token("user_id", [1])[0]
     metapatch, data = (user_file(os.path.join(out, folder), token) for folder in ("metapatch", "device_data"))
     commands = [
@@ -109,17 +117,17 @@ def test_device_command_line_runs_without_torch(tiny_config, tmp_path):
         ["train", f"--artifacts={out}/device_training", f"--metapatch={metapatch}", f"--data={data}", "--out=kept.npz"],
     ]
     for command in commands:
-        # A device without torch: any import of it fails (onnxruntime itself then skips its optional torch parts).
-        code = f"import sys; sys.modules['torch'] = None; from dccl_device.__main__ import main; main({command!r})"
-        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": ROOT})
+        done = run_on_device(command, tmp_path)
         assert done.returncode == 0, done.stderr
         report = json.loads(done.stdout)
         assert report["peak_rss_bytes"] >= report["peak_rss_after_imports_bytes"] > 0
+    wrong_data = run_on_device([*commands[1][:3], f"--data={metapatch}", "--out=kept.npz"], tmp_path)
+    assert wrong_data.returncode == 2
+    assert f"[{metapatch}] has no array item_id_list, item_length, item_id; it holds: metapatch" in wrong_data.stderr
 
-    scorer = Scorer(os.path.join(out, "device_model.onnx"))
-    arrays = load_arrays(data)
-    expected = scorer(load_arrays(metapatch)["metapatch"], arrays)
-    assert np.array_equal(load_arrays(str(tmp_path / "scores.npz"))["scores"], expected)
-    kept = load_arrays(str(tmp_path / "kept.npz"))["metapatch"]
-    assert kept.shape == (config["metapatch_dim"],)
+    # What the commands wrote is what the library gives (train: its default order, from seed 0).
+    start, arrays = load_arrays(metapatch)["metapatch"], load_arrays(data)
+    scores = Scorer(os.path.join(out, "device_model.onnx"))(start, arrays)
+    assert np.array_equal(load_arrays(str(tmp_path / "scores.npz"))["scores"], scores)
+    trained = train_metapatch(os.path.join(out, "device_training"), start, arrays)
+    assert np.array_equal(load_arrays(str(tmp_path / "kept.npz"))["metapatch"], trained.metapatch)
