@@ -169,6 +169,7 @@ def export(checkpoint_path, out, format="torch", device_data=False):
     ``out``; with ``device_data`` also each user's local data of round 1. Returns the manifest."""
     if format not in FORMATS:
         raise InputError(f"format: [{format}] is not one of {', '.join(FORMATS)}.")
+    onnx_export = onnx_exporter() if format == "onnx" else None  # before any work: its packages are optional
     config, train_data, test_data, model = load_dccl(checkpoint_path)
     dataset = train_data.dataset
     batch, _, _, _ = next(iter(test_data))
@@ -180,7 +181,6 @@ def export(checkpoint_path, out, format="torch", device_data=False):
     if format == "torch":
         save_program(program, model_path)
     else:
-        onnx_export = onnx_exporter()
         onnx_export.save_onnx_program(program, inputs, ["scores"], model_path)
         folder = os.path.join(out, "device_training")
         example = placeholder_rows([batch[field] for field in [*device_model.fields, model.objective.target_field]])

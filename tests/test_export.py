@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -52,3 +53,10 @@ def test_export_refuses_a_checkpoint_of_another_model(tmp_path):
 def test_export_refuses_an_unknown_format(tmp_path):
     with pytest.raises(InputError, match=r"format: \[tflite\] is not one of torch, onnx"):
         export(str(tmp_path / "any.pth"), str(tmp_path / "out"), format="tflite")
+
+
+def test_onnx_export_without_the_device_extra_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "recbole_dccl.onnx_export", raising=False)
+    with pytest.raises(InputError, match=r"format: \[onnx\] needs .* 'device' extra \(onnx is not installed\): pip install"):
+        export(str(tmp_path / "any.pth"), str(tmp_path / "out"), format="onnx")

@@ -18,7 +18,7 @@ pytest.importorskip("onnxruntime.training", reason="the 'device' extra is not in
 
 from dccl_device.files import load_arrays  # noqa: E402
 from dccl_device.scoring import Scorer  # noqa: E402
-from dccl_device.training import train_metapatch  # noqa: E402
+from dccl_device.training import OnDeviceTraining, train_metapatch  # noqa: E402
 from recbole_dccl.data import RoundSchedule  # noqa: E402
 from recbole_dccl.export import export, user_file  # noqa: E402
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise  # noqa: E402
@@ -91,6 +91,7 @@ def test_onnx_device_scores_and_trains_as_the_pytorch_device_phase(tiny_config, 
         assert trained.adopted == bool(batched.adopted[device])
         assert trained.valid_loss_kept == pytest.approx(float(batched.valid_loss_device[device]), abs=1e-5)
     assert batched.adopted.any() and not batched.adopted.all()  # both ways of the guard are compared
+    assert not OnDeviceTraining(folder).metapatch.any()  # the artifacts hold no user's metapatch
 
     with open(os.path.join(folder, "settings.json")) as file:
         assert json.load(file)["inputs"] == [*manifest["inputs"][1:], model.objective.target_field, "metapatch_start", "l2"]
