@@ -11,7 +11,8 @@ class Scorer:
 
     def __init__(self, path):
         self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        self.features = [graph_input.name for graph_input in self.session.get_inputs() if graph_input.name != "metapatch"]
+        names = [graph_input.name for graph_input in self.session.get_inputs()]
+        self.features = [name for name in names if name != "metapatch"]
 
     def __call__(self, metapatch, data):
         rows = len(data[self.features[0]])

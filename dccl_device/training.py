@@ -125,7 +125,8 @@ def train_metapatch(folder, start, data, shuffle_keys=None, seed=0):
         order = train_rows[np.argsort(keys[train_rows], kind="stable")]
         epoch_loss = 0.0
         for first in range(0, len(order), settings["batch_size"]):
-            epoch_loss += training.loss(inputs(order[first : first + settings["batch_size"]], settings["l2"]), train=True)
+            batch = order[first : first + settings["batch_size"]]
+            epoch_loss += training.loss(inputs(batch, settings["l2"]), train=True)
             training.step(settings["learning_rate"])
         if not np.isfinite(epoch_loss):  # as the batched phase, one check per epoch
             raise FloatingPointError(f"the device's training loss is {epoch_loss} in local epoch {epoch}")

@@ -196,7 +196,8 @@ def export(checkpoint_path, out, format="torch", device_data=False):
         save_metapatch(user_file(folder, token), model.metapatch[user])
     if device_data:
         rows = RoundSchedule(config, train_data).device_rows(1)
-        save_local_data(dataset, rows, [*device_model.fields, model.objective.target_field], os.path.join(out, "device_data"))
+        fields = [*device_model.fields, model.objective.target_field]
+        save_local_data(dataset, rows, fields, os.path.join(out, "device_data"))
 
     metapatch_bytes = tensor_bytes([model.metapatch[0]])
     metapatch_file_bytes = os.path.getsize(user_file(folder, tokens[0]))

@@ -138,7 +138,8 @@ def export_training_artifacts(device_model, objective, settings, example, folder
                     attribute.i = 0  # torch's Adam(W) update
         onnx.save(optimizer, os.path.join(staging, "optimizer_model.onnx"))
         for name in ARTIFACT_FILES:
-            write_atomic(os.path.join(folder, name), lambda temporary: os.replace(os.path.join(staging, name), temporary))
+            staged = os.path.join(staging, name)
+            write_atomic(os.path.join(folder, name), lambda temporary: os.replace(staged, temporary))
     write_result_file(os.path.join(folder, "settings.json"), {
         "inputs": input_names,
         "target": objective.target_field,

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+import recbole_dccl
 from recbole_dccl.errors import InputError
 from recbole_dccl.export import export, load_metapatch, user_file
 from tests.helpers import build
@@ -57,6 +58,8 @@ def test_export_refuses_an_unknown_format(tmp_path):
 
 def test_onnx_export_without_the_device_extra_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
-    monkeypatch.delitem(sys.modules, "recbole_dccl.onnx_export", raising=False)
-    with pytest.raises(InputError, match=r"format: \[onnx\] needs .* 'device' extra \(onnx is not installed\): pip install"):
+    monkeypatch.delitem(sys.modules, "recbole_dccl.onnx_export", raising=False)  # imported anew, if it was
+    monkeypatch.delattr(recbole_dccl, "onnx_export", raising=False)
+    message = r"format: \[onnx\] needs .* 'device' extra \(onnx is not installed\): pip install"
+    with pytest.raises(InputError, match=message):
         export(str(tmp_path / "any.pth"), str(tmp_path / "out"), format="onnx")

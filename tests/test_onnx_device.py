@@ -26,7 +26,7 @@ from tests.helpers import build  # noqa: E402
 
 # On-device training against the batched phase: both float32 Adam on the same minibatches; the gradients agree to
 # the last bits (ONNX Runtime's gradient graph sums in its own order), which Adam's normalisation can enlarge.
-# Measured on these tiny data: at most 6.6e-7 over all 30 devices (DeepFM; GRU4Rec and SASRec 1.8e-7, DIN 1.2e-7).
+# Measured on these tiny data: at most 6.6e-7 over all 30 devices (DeepFM; GRU4Rec, SASRec 1.8e-7; DIN 1.2e-7).
 TRAINING_TOLERANCE = 1e-5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +61,8 @@ def test_onnx_device_scores_and_trains_as_the_pytorch_device_phase(tiny_config, 
     scorer = Scorer(os.path.join(out, "device_model.onnx"))
     batch, _, _, _ = next(iter(test_data))
     tokens = dataset.id2token(dataset.uid_field, batch[dataset.uid_field].numpy())
-    metapatch = np.stack([load_arrays(user_file(os.path.join(out, "metapatch"), token))["metapatch"] for token in tokens])
+    files = [user_file(os.path.join(out, "metapatch"), token) for token in tokens]
+    metapatch = np.stack([load_arrays(file)["metapatch"] for file in files])
     features = {name: batch[name].numpy() for name in scorer.features}
     model.view = "device"
     with torch.no_grad():
@@ -76,7 +77,8 @@ def test_onnx_device_scores_and_trains_as_the_pytorch_device_phase(tiny_config, 
 
     # Training: each device's phase on ONNX Runtime keeps the metapatch the batched phase gives that device.
     device_settings = DeviceSettings(config)
-    local = LocalData.from_rows(dataset, RoundSchedule(config, train_data).device_rows(1), device_settings.valid_size, "cpu")
+    rows = RoundSchedule(config, train_data).device_rows(1)
+    local = LocalData.from_rows(dataset, rows, device_settings.valid_size, "cpu")
     start = model.metapatch[local.users]
     seed = 7
     batched = personalise(model, local, start, device_settings, seed)
@@ -94,7 +96,8 @@ def test_onnx_device_scores_and_trains_as_the_pytorch_device_phase(tiny_config, 
     assert not OnDeviceTraining(folder).metapatch.any()  # the artifacts hold no user's metapatch
 
     with open(os.path.join(folder, "settings.json")) as file:
-        assert json.load(file)["inputs"] == [*manifest["inputs"][1:], model.objective.target_field, "metapatch_start", "l2"]
+        inputs = json.load(file)["inputs"]
+    assert inputs == [*manifest["inputs"][1:], model.objective.target_field, "metapatch_start", "l2"]
     sizes = manifest["bytes"]
     assert sizes["device_model_file"] == os.path.getsize(os.path.join(out, "device_model.onnx"))
     assert sizes["device_training_files"] > sizes["backbone"] + sizes["theta"]  # the checkpoint holds W_f and Theta
@@ -103,7 +106,8 @@ def test_onnx_device_scores_and_trains_as_the_pytorch_device_phase(tiny_config, 
 def run_on_device(command, folder):
     """``python -m dccl_device <command>`` in ``folder`` on a device without torch: any import of it fails
     (onnxruntime itself then skips its optional torch parts)."""
-    code = f"import sys; sys.modules['torch'] = None; from dccl_device.__main__ import main; sys.exit(main({command!r}))"
+    code = "import sys; sys.modules['torch'] = None; from dccl_device.__main__ import main; "
+    code += f"sys.exit(main({command!r}))"
     return subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ROOT})
 
