@@ -1,19 +1,27 @@
 """Export what the devices run: the shared device model and each user's metapatch.
 
     python -m recbole_dccl.export --checkpoint=saved/DCCL-Nov-21-2026_10-00-00.pth --out=export
+    python -m recbole_dccl.export --checkpoint=saved/DCCL-Nov-21-2026_10-00-00.pth --out=export --format=onnx --device_data
 
 From a DCCL checkpoint (saved/) this writes
 
-- ``device_model.pt2``: the shared device model (cloud backbone W_f, the patch machinery and Theta) as a
-  ``torch.export`` program. Inputs: the user's metapatch ``[B, k]`` and the backbone's own inputs (for sequential
-  backbones ``item_id_list`` ``[B, L]`` and ``item_length`` ``[B]``); output: scores over all items ``[B, n_items]``,
-  the backbone's ``full_sort_predict``. Every device downloads the same file.
+- the shared device model (cloud backbone W_f, the patch machinery and Theta), which every device downloads:
+  ``device_model.pt2``, a ``torch.export`` program (``--format=torch``, the default), or ``device_model.onnx`` for
+  ONNX Runtime (``--format=onnx``, :mod:`recbole_dccl.onnx_export`). Inputs: the user's metapatch ``[B, k]`` and
+  the backbone's own inputs (for sequential backbones ``item_id_list`` ``[B, L]`` and ``item_length`` ``[B]``);
+  output: the objective's logits, for sequential backbones scores over all items ``[B, n_items]`` (the
+  backbone's ``full_sort_predict``), for CTR backbones one logit per row ``[B]``. The batch size is dynamic.
+- with ``--format=onnx`` also ``device_training/``: the artifacts with which ONNX Runtime trains a metapatch on
+  the device (package :mod:`dccl_device`).
 - ``metapatch/<user token>.npz``: each user's metapatch (array ``metapatch``, ``[k]`` float32), the only per-user
   part of a device model.
+- with ``--device_data``, ``device_data/<user token>.npz``: each user's rows of round 1 (one array per input field
+  and the target), what the user's device holds, to run :mod:`dccl_device` on simulated devices.
 - ``manifest.json``: the inputs and the byte counts of docs/deployment.md: ``metapatch`` (what a device uploads and
   downloads per round, raw), ``metapatch_file``, ``theta`` and ``backbone`` (raw parameters), ``device_model_file``
-  (what every device downloads), ``per_user_model_copy`` (W_f plus one user's generated patch weights: what each
-  device would need without the shared model) and the totals over all users of both ways.
+  (what every device downloads; for ONNX also ``device_training_files``, what a device that trains downloads
+  besides), ``per_user_model_copy`` (W_f plus one user's generated patch weights: what each device would need
+  without the shared model) and the totals over all users of both ways.
 
 Every file is written to a temporary name and renamed, so a reader never sees a half-written one; re-running
 replaces whole files only.
@@ -32,8 +40,13 @@ from recbole.data.interaction import Interaction
 from recbole.utils import init_seed
 from torch import nn
 
+from dccl_device.files import load_arrays, save_arrays
 from recbole_dccl.config import DCCLConfig
+from recbole_dccl.data import RoundSchedule
+from recbole_dccl.errors import InputError
+from recbole_dccl.quick_start import write_result_file
 from recbole_dccl.trainer.checkpoint import write_atomic
+from recbole_dccl.trainer.device_phase import DeviceSettings
 from recbole_dccl.utils import get_model
 
 # Values RecBole's Config derives itself; given back as input they would be derived twice.
@@ -41,6 +54,7 @@ DERIVED_KEYS = (
     "device", "local_rank", "single_spec", "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type",
     "train_neg_sample_args", "valid_neg_sample_args", "test_neg_sample_args",
 )
+FORMATS = {"torch": "device_model.pt2", "onnx": "device_model.onnx"}  # format -> the device model's file
 
 
 def load_dccl(checkpoint_path):
@@ -84,9 +98,10 @@ class ReadFields(Interaction):
 
 
 class DeviceModel(nn.Module):
-    """The shared device model as a plain module: ``forward(metapatch, *fields)`` -> scores over all items.
+    """The shared device model as a plain module: ``forward(metapatch, *features)`` -> the objective's logits (for
+    sequential backbones scores over all items ``[B, n_items]``, for CTR backbones one logit per row ``[B]``).
 
-    Only the backbone and the patches are its submodules, so the exported program holds W_f and Theta and nothing
+    Only the backbone and the patches are its submodules, so an exported program holds W_f and Theta and nothing
     else of the cloud's model: not the encoder, not any other user's metapatch."""
 
     def __init__(self, model, fields):
@@ -94,9 +109,10 @@ class DeviceModel(nn.Module):
         self.backbone, self.patches = model.backbone, model.patches
         self.score = model.forward  # a bound method, not a submodule
         self.fields = list(fields)
+        self.metapatch_dim = model.metapatch.shape[1]
 
-    def forward(self, metapatch, *inputs):
-        interaction = Interaction(dict(zip(self.fields, inputs)))
+    def forward(self, metapatch, *features):
+        interaction = Interaction(dict(zip(self.fields, features)))
         interaction.length = metapatch.shape[0]  # RecBole's max() over fields is opaque to torch.export's shape solver
         return self.score(interaction, metapatch)
 
@@ -109,69 +125,90 @@ def backbone_fields(model, interaction):
     return recorder.read
 
 
-def export_device_model(model, interaction, path):
-    """Write the shared device model as a ``torch.export`` program (batch size dynamic); returns its input names."""
-    fields = backbone_fields(model, interaction)
-    device_model = DeviceModel(model, fields).eval()
-    # Placeholder values of the right shapes and types: the program stores its example inputs, and those must
-    # not be some users' data. Two rows, so the batch size stays symbolic.
-    inputs = (torch.zeros(2, model.metapatch.shape[1]), *(torch.ones_like(interaction[field][:2]) for field in fields))
+def device_program(device_model, example):
+    """``device_model`` as a ``torch.export`` program, the batch size dynamic. ``example``: rows of its features;
+    the program stores its example inputs, and those must not be some users' data, so only their shapes and types
+    are used (two rows, so that the batch size stays symbolic)."""
+    inputs = (torch.zeros(2, device_model.metapatch_dim), *placeholder_rows(example))
     batch = torch.export.Dim("batch", min=1)
-    dynamic_shapes = ({0: batch}, tuple({0: batch} for _ in fields))  # (metapatch, inputs)
-    program = torch.export.export(device_model, inputs, dynamic_shapes=dynamic_shapes)
+    dynamic_shapes = ({0: batch}, tuple({0: batch} for _ in example))  # (metapatch, features)
+    return torch.export.export(device_model, inputs, dynamic_shapes=dynamic_shapes)
 
+
+def placeholder_rows(tensors):
+    return tuple(torch.ones_like(tensor[:2]) for tensor in tensors)
+
+
+def save_program(program, path):
     def write(temporary):
         with open(temporary, "wb") as file:  # a file object: torch.export.save warns about names not ending in .pt2
             torch.export.save(program, file)
 
     write_atomic(path, write)
-    return ["metapatch", *fields]
 
 
-def metapatch_file(folder, token):
+def user_file(folder, token):
+    """``<folder>/<user token>.npz``, the token quoted for a file name."""
     return os.path.join(folder, f"{quote(str(token), safe='')}.npz")
 
 
 def save_metapatch(path, metapatch):
-    def write(temporary):
-        with open(temporary, "wb") as file:  # a file object: np.savez would append '.npz' to a name
-            np.savez(file, metapatch=metapatch.detach().cpu().numpy().astype(np.float32))
-
-    write_atomic(path, write)
+    save_arrays(path, {"metapatch": metapatch.detach().cpu().numpy().astype(np.float32)})
 
 
 def load_metapatch(path):
-    with np.load(path) as data:
-        return torch.from_numpy(data["metapatch"])
+    return torch.from_numpy(load_arrays(path)["metapatch"])
 
 
 def tensor_bytes(tensors):
     return int(sum(tensor.numel() * tensor.element_size() for tensor in tensors))
 
 
-def export(checkpoint_path, out):
-    """Write the device model, every user's metapatch and ``manifest.json`` to ``out``; returns the manifest."""
+def export(checkpoint_path, out, format="torch", device_data=False):
+    """Write the device model in ``format`` (see :data:`FORMATS`), every user's metapatch and ``manifest.json`` to
+    ``out``; with ``device_data`` also each user's local data of round 1. Returns the manifest."""
+    if format not in FORMATS:
+        raise InputError(f"format: [{format}] is not one of {', '.join(FORMATS)}.")
+    onnx_export = onnx_exporter() if format == "onnx" else None  # before any work: its packages are optional
     config, train_data, test_data, model = load_dccl(checkpoint_path)
     dataset = train_data.dataset
     batch, _, _, _ = next(iter(test_data))
-    model_path = os.path.join(out, "device_model.pt2")
-    inputs = export_device_model(model, batch, model_path)
+    device_model = DeviceModel(model, backbone_fields(model, batch)).eval()
+    program = device_program(device_model, [batch[field] for field in device_model.fields])
+    inputs = ["metapatch", *device_model.fields]
+    model_path = os.path.join(out, FORMATS[format])
+    file_bytes = {}
+    if format == "torch":
+        save_program(program, model_path)
+    else:
+        onnx_export.save_onnx_program(program, inputs, ["scores"], model_path)
+        folder = os.path.join(out, "device_training")
+        example = placeholder_rows([batch[field] for field in [*device_model.fields, model.objective.target_field]])
+        onnx_export.export_training_artifacts(device_model, model.objective, DeviceSettings(config), example, folder)
+        file_bytes["device_training_files"] = sum(
+            os.path.getsize(os.path.join(folder, name)) for name in onnx_export.TRAINING_FILES
+        )
 
     folder = os.path.join(out, "metapatch")
     users = torch.unique(dataset.inter_feat[dataset.uid_field])
     tokens = dataset.id2token(dataset.uid_field, users.numpy())
     for user, token in zip(users.tolist(), tokens):
-        save_metapatch(metapatch_file(folder, token), model.metapatch[user])
+        save_metapatch(user_file(folder, token), model.metapatch[user])
+    if device_data:
+        rows = RoundSchedule(config, train_data).device_rows(1)
+        fields = [*device_model.fields, model.objective.target_field]
+        save_local_data(dataset, rows, fields, os.path.join(out, "device_data"))
 
     metapatch_bytes = tensor_bytes([model.metapatch[0]])
-    metapatch_file_bytes = os.path.getsize(metapatch_file(folder, tokens[0]))
+    metapatch_file_bytes = os.path.getsize(user_file(folder, tokens[0]))
     model_file_bytes = os.path.getsize(model_path)
     per_user_copy = tensor_bytes(model.backbone.parameters()) + generated_patch_bytes(model)
     manifest = {
         "checkpoint": os.path.abspath(checkpoint_path),
         "backbone": config["backbone"],
+        "format": format,
         "inputs": inputs,
-        "output": "scores over all items, [batch, n_items]",
+        "output": model.objective.OUTPUT,
         "users": len(users),
         "metapatch_dim": model.metapatch.shape[1],
         "bytes": {
@@ -180,18 +217,38 @@ def export(checkpoint_path, out):
             "theta": tensor_bytes(model.patches.parameters()),
             "backbone": tensor_bytes(model.backbone.parameters()),
             "device_model_file": model_file_bytes,
+            **file_bytes,
             "per_user_model_copy": per_user_copy,
             "all_users_shared_model_and_metapatch_files": model_file_bytes + len(users) * metapatch_file_bytes,
             "all_users_per_user_model_copies": len(users) * per_user_copy,
         },
     }
-
-    def write(temporary):
-        with open(temporary, "w") as file:
-            json.dump(manifest, file, indent=2)
-
-    write_atomic(os.path.join(out, "manifest.json"), write)
+    write_result_file(os.path.join(out, "manifest.json"), manifest)
     return manifest
+
+
+def onnx_exporter():
+    """:mod:`recbole_dccl.onnx_export`, imported only for ``--format=onnx``: its packages are the optional extra
+    ``device``."""
+    try:
+        from recbole_dccl import onnx_export
+    except ImportError as error:
+        raise InputError(
+            f"format: [onnx] needs the optional packages of the 'device' extra ({error.name} is not installed): "
+            'pip install ".[device]"'
+        ) from None
+    return onnx_export
+
+
+def save_local_data(dataset, rows, fields, folder):
+    """Each user's ``rows`` (indices into ``dataset``, in time order) as ``<folder>/<user token>.npz``, one array
+    per field: what that user's device holds, for running the device side on a simulated device."""
+    interaction = dataset[torch.as_tensor(rows)]
+    user_ids = interaction[dataset.uid_field].numpy()
+    users = np.unique(user_ids)
+    for user, token in zip(users, dataset.id2token(dataset.uid_field, users)):
+        own = torch.from_numpy(np.flatnonzero(user_ids == user))
+        save_arrays(user_file(folder, token), {field: interaction[field][own].numpy() for field in fields})
 
 
 def generated_patch_bytes(model):
@@ -203,8 +260,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a DCCL checkpoint written by run_recbole_dccl.py (saved/)")
     parser.add_argument("--out", default="export", help="folder to write the device model and metapatches to")
+    parser.add_argument("--format", default="torch", choices=FORMATS, help="torch: a torch.export program; onnx: "
+                        "ONNX models for ONNX Runtime, scoring and on-device training (the 'device' extra)")
+    parser.add_argument("--device_data", action="store_true", help="also write each user's local data of round 1 "
+                        "(device_data/<user token>.npz), to run the device side on simulated devices")
     args = parser.parse_args(argv)
-    manifest = export(args.checkpoint, args.out)
+    manifest = export(args.checkpoint, args.out, args.format, args.device_data)
     print(json.dumps(manifest, indent=2))
     return 0
 

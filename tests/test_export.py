@@ -1,10 +1,13 @@
 import json
 import os
+import sys
 
 import pytest
 import torch
 
-from recbole_dccl.export import export, load_metapatch, metapatch_file
+import recbole_dccl
+from recbole_dccl.errors import InputError
+from recbole_dccl.export import export, load_metapatch, user_file
 from tests.helpers import build
 
 
@@ -22,7 +25,7 @@ def test_exported_device_model_reproduces_device_scores(tiny_config, tmp_path):
     batch, _, _, _ = next(iter(test_data))
     users = batch["user_id"]
     tokens = train_data.dataset.id2token("user_id", users.numpy())
-    metapatch = torch.stack([load_metapatch(metapatch_file(os.path.join(out, "metapatch"), token)) for token in tokens])
+    metapatch = torch.stack([load_metapatch(user_file(os.path.join(out, "metapatch"), token)) for token in tokens])
     assert metapatch.abs().max() > 0  # the devices are personalised, not the cloud model
     model.eval()
     model.view = "device"
@@ -46,3 +49,17 @@ def test_export_refuses_a_checkpoint_of_another_model(tmp_path):
     torch.save({"config": {"model": "GRU4Rec"}, "state_dict": {}}, path)
     with pytest.raises(ValueError, match=r"checkpoint: .*gru.pth\] is not a DCCL checkpoint \(model: 'GRU4Rec'\)"):
         export(path, str(tmp_path / "out"))
+
+
+def test_export_refuses_an_unknown_format(tmp_path):
+    with pytest.raises(InputError, match=r"format: \[tflite\] is not one of torch, onnx"):
+        export(str(tmp_path / "any.pth"), str(tmp_path / "out"), format="tflite")
+
+
+def test_onnx_export_without_the_device_extra_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "recbole_dccl.onnx_export", raising=False)  # imported anew, if it was
+    monkeypatch.delattr(recbole_dccl, "onnx_export", raising=False)
+    message = r"format: \[onnx\] needs .* 'device' extra \(onnx is not installed\): pip install"
+    with pytest.raises(InputError, match=message):
+        export(str(tmp_path / "any.pth"), str(tmp_path / "out"), format="onnx")

@@ -17,9 +17,11 @@ class NextItemObjective:
     (SASRec, GRU4Rec, NARM, ...) are exactly the logits of their training loss.
     """
 
+    OUTPUT = "scores over all items, [batch, n_items]"  # the logits, as an exported device model describes them
+
     def __init__(self, backbone, config):
         self.backbone = backbone
-        self.target_field = backbone.POS_ITEM_ID
+        self.target_field = backbone.POS_ITEM_ID  # the field the loss compares the logits with
 
     def logits(self, interaction):
         # interaction.length rather than len(): len() would fix the batch size of an exported program.
@@ -45,9 +47,11 @@ class BinaryObjective:
     between the teacher's and the student's Bernoulli outputs at temperature ``tau``.
     """
 
+    OUTPUT = "the logit of each row, [batch] (its sigmoid is the predicted probability)"
+
     def __init__(self, backbone, config):
         self.backbone = backbone
-        self.label_field = config["LABEL_FIELD"]
+        self.target_field = config["LABEL_FIELD"]
         self.sigmoid = getattr(backbone, "sigmoid", None)
         if not isinstance(self.sigmoid, nn.Sigmoid):
             raise ValueError(
@@ -62,10 +66,10 @@ class BinaryObjective:
             self.backbone.predict(interaction)
         finally:
             handle.remove()
-        return captured[-1].reshape(len(interaction))
+        return captured[-1].reshape(interaction.length)  # not len(): see NextItemObjective.logits
 
     def loss(self, logits, interaction):
-        return F.binary_cross_entropy_with_logits(logits, interaction[self.label_field].float(), reduction="none")
+        return F.binary_cross_entropy_with_logits(logits, interaction[self.target_field].float(), reduction="none")
 
     @staticmethod
     def distill(student_logits, teacher_logits, temperature):
