@@ -7,7 +7,8 @@ DCCL's device phase to find it, on a round-0 cloud model (a ``cloud_checkpoint``
 Every user gets a free vector as wide as the sequence representation, added to it before the item scores (a
 matrix-factorisation user vector on the frozen item table: more numbers per user than a metapatch and no patch
 structure in the way). All users' vectors are trained at once by full-softmax cross-entropy on the rows their
-devices hold in round 1 of the protocol (static: all of the user's training rows; incremental: the fresh ones),
+devices train on in round 1 (static: all of the user's training rows; incremental: the fresh ones, or with
+``--device_data=all`` every row the user has produced so far),
 full batch, Adam, and scored on valid and test after each step budget: NDCG@10 as RecBole computes it for
 sequential models, and with the user's consumed training items masked out. Also reported: the share of valid and
 test targets the user had already consumed in training, which is what a per-user model can most easily learn.
@@ -83,7 +84,7 @@ def main():
     dataset = train_data.dataset
     consumed = torch.zeros(dataset.user_num, dataset.item_num, dtype=torch.bool)
     consumed[dataset.inter_feat[user_field], dataset.inter_feat[item_field]] = True
-    rows = torch.as_tensor(RoundSchedule(config, train_data).device_rows(1), dtype=torch.long)
+    rows = torch.as_tensor(RoundSchedule(config, train_data).local_rows(1), dtype=torch.long)
     local = dataset.inter_feat[rows]
     local_z, local_user, local_target = representations(backbone, local), local[user_field], local[item_field]
     splits = {"valid": Split(backbone, valid_data, user_field, item_field),
