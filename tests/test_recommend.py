@@ -89,3 +89,15 @@ def test_recommend_refuses_bad_input_naming_it(trained, capsys, argument, messag
 def test_load_refuses_a_missing_file(tmp_path):
     with pytest.raises(InputError, match=r"model_file: \[.*missing.pth\] cannot be read as a checkpoint: FileNotFoundError"):
         load_data_and_model(str(tmp_path / "missing.pth"))
+
+
+def test_ctr_models_load_and_are_refused_a_full_sort_top_k(ctr_config, capsys):
+    _, (train_data, valid_data, test_data), trained_model, trainer = build({**ctr_config, "epochs": 1})
+    trainer.fit(train_data, valid_data, saved=True, test_data=test_data)
+    _, model, _, _, _, loaded_test_data = load_data_and_model(trainer.saved_model_file, verbose=False)
+    batch = next(iter(loaded_test_data))[0]
+    trained_model.eval(), model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.predict(batch), trained_model.predict(batch))
+    assert main([f"--model_file={trainer.saved_model_file}", "--users=1"]) == 2
+    assert "is evaluated on labelled rows (eval_args mode: {'valid': 'labeled', 'test': 'labeled'})" in capsys.readouterr().err
