@@ -10,21 +10,15 @@ user's files, dict and command line; ``properties/overall.yaml`` applies to plai
 
 import os
 
-import yaml
 from recbole.config import Config
 from recbole.utils import ModelType
 
 from recbole_dccl.data import PROTOCOLS
+from recbole_dccl.defaults import PROPERTIES_DIR, dccl_defaults
 from recbole_dccl.distributed import init_process_group
 from recbole_dccl.errors import InputError
 from recbole_dccl.model.families import family_of
-from recbole_dccl.utils import PROPERTIES_DIR, get_model
-
-
-def dccl_defaults():
-    """The defaults of every DCCL key, as written in ``properties/model/DCCL.yaml``."""
-    with open(os.path.join(PROPERTIES_DIR, "model", "DCCL.yaml")) as file:
-        return yaml.safe_load(file)
+from recbole_dccl.utils import get_model
 
 
 class DCCLConfig(Config):

@@ -35,53 +35,31 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
-from recbole.data import create_dataset, data_preparation
 from recbole.data.interaction import Interaction
-from recbole.utils import init_seed
 from torch import nn
 
 from dccl_device.files import load_arrays, save_arrays
-from recbole_dccl.config import DCCLConfig
 from recbole_dccl.data import RoundSchedule
 from recbole_dccl.errors import InputError
-from recbole_dccl.quick_start import write_result_file
-from recbole_dccl.trainer.checkpoint import write_atomic
+from recbole_dccl.quick_start import load_data_and_model, write_result_file
+from recbole_dccl.trainer.checkpoint import load_safe, write_atomic
 from recbole_dccl.trainer.device_phase import DeviceSettings
-from recbole_dccl.utils import get_model
 
-# Values RecBole's Config derives itself; given back as input they would be derived twice.
-DERIVED_KEYS = (
-    "device", "local_rank", "single_spec", "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type",
-    "train_neg_sample_args", "valid_neg_sample_args", "test_neg_sample_args",
-)
 FORMATS = {"torch": "device_model.pt2", "onnx": "device_model.onnx"}  # format -> the device model's file
 
 
 def load_dccl(checkpoint_path):
-    """``(config, train_data, test_data, model)`` rebuilt on the CPU from a DCCL checkpoint of :mod:`trainer.checkpoint`."""
-    if not os.path.isfile(checkpoint_path):
-        raise ValueError(f"checkpoint: [{checkpoint_path}] is not a file; give a DCCL checkpoint from saved/.")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    stored = checkpoint.get("config", {})
+    """``(config, train_data, test_data, model)`` of a DCCL checkpoint of :mod:`trainer.checkpoint`, on the CPU."""
+    stored = load_safe(checkpoint_path, "checkpoint").get("config", {})
     if stored.get("model") != "DCCL":
-        raise ValueError(f"checkpoint: [{checkpoint_path}] is not a DCCL checkpoint (model: {stored.get('model')!r}).")
+        raise InputError(f"checkpoint: [{checkpoint_path}] is not a DCCL checkpoint (model: {stored.get('model')!r}).")
     if stored.get("device_method", "metapatch") != "metapatch":
-        raise ValueError(
+        raise InputError(
             f"checkpoint: [{checkpoint_path}] has device_method [{stored['device_method']}]; "
             "only device_method 'metapatch' models are exported."
         )
-    settings = {key: value for key, value in stored.items() if key not in DERIVED_KEYS}
-    # RecBole stores data_path joined with the dataset name.
-    if os.path.basename(os.path.normpath(settings["data_path"])) == stored["dataset"]:
-        settings["data_path"] = os.path.dirname(os.path.normpath(settings["data_path"]))
-    settings.update(use_gpu=False, show_progress=False, result_file=None, cloud_checkpoint=None)  # nothing is trained
-    config = DCCLConfig(model="DCCL", dataset=stored["dataset"], config_dict=settings)
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, _, test_data = data_preparation(config, create_dataset(config))
-    model = get_model("DCCL")(config, train_data.dataset)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.eval()
-    return config, train_data, test_data, model
+    config, model, _, train_data, _, test_data = load_data_and_model(checkpoint_path)
+    return config, train_data, test_data, model.cpu().eval()
 
 
 class ReadFields(Interaction):

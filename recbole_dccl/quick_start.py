@@ -1,4 +1,5 @@
-"""``run_recbole_dccl``: RecBole's ``run_recbole`` with our config, model and trainer look-ups.
+"""``run_recbole_dccl`` and ``load_data_and_model``: RecBole's ``run_recbole`` and ``load_data_and_model`` with our
+config, model and trainer look-ups.
 
 It never imports ``recbole.quick_start`` (which pulls in ray, broken on current numpy and setuptools).
 """
@@ -6,6 +7,7 @@ It never imports ``recbole.quick_start`` (which pulls in ray, broken on current 
 import argparse
 import json
 import logging
+import os
 import sys
 from logging import getLogger
 
@@ -16,7 +18,7 @@ from recbole_dccl.config import DCCLConfig
 from recbole_dccl.distributed import is_main_process, launch
 from recbole_dccl.errors import InputError, NonFiniteLoss
 from recbole_dccl.evaluation import group_table
-from recbole_dccl.trainer.checkpoint import write_atomic
+from recbole_dccl.trainer.checkpoint import load_safe, write_atomic
 from recbole_dccl.utils import get_model, get_trainer
 
 
@@ -24,20 +26,8 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
     """Train and evaluate ``model`` (``DCCL`` or any RecBole model) on ``dataset``; returns RecBole's result dict,
     plus for DCCL the ``cloud_only``, ``dccl_cloud`` and ``dccl_device`` results and the per-phase history."""
     config = DCCLConfig(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    _, (train_data, valid_data, test_data), model = prepare(config, verbose)
     logger = getLogger()
-    if not verbose:
-        logger.setLevel(logging.ERROR)
-    logger.info(config)
-
-    dataset = create_dataset(config)
-    logger.info(dataset)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data.dataset).to(config["device"])
-    logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     show_progress = config["show_progress"] and verbose
 
@@ -74,6 +64,26 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
     return result
 
 
+def prepare(config, verbose=True):
+    """RecBole's start of a run: seeds, the logger (errors only unless ``verbose``), the dataset, its
+    dataloaders ``(train, valid, test)`` and the model, freshly initialised on ``config["device"]``."""
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    if not verbose:
+        logger.setLevel(logging.ERROR)
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    loaders = data_preparation(config, dataset)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, loaders[0].dataset).to(config["device"])
+    logger.info(model)
+    return dataset, loaders, model
+
+
 def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, nproc=1, world_size=-1,
         ip="localhost", port="5678", group_offset=0):
     """RecBole's ``run``: :func:`run_recbole_dccl` in this process, under torchrun, or in ``nproc`` processes on
@@ -81,6 +91,50 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
     (docs/distributed.md); returns rank 0's result."""
     kwargs = dict(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict, saved=saved)
     return launch(run_recbole_dccl, kwargs, nproc=nproc, world_size=world_size, ip=ip, port=port, group_offset=group_offset)
+
+
+# Values RecBole's Config derives itself; given back as input they would be derived twice.
+DERIVED_KEYS = (
+    "device", "local_rank", "single_spec", "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type",
+    "train_neg_sample_args", "valid_neg_sample_args", "test_neg_sample_args",
+)
+# Files only training reads or writes; a loaded model neither needs nor touches them.
+TRAINING_FILE_KEYS = ("result_file", "cloud_checkpoint", "resume")
+
+
+def load_data_and_model(model_file, verbose=True):
+    r"""RecBole's ``load_data_and_model`` for a checkpoint written through recbole_dccl (``saved/``, of DCCL or of
+    any RecBole model), loaded with ``torch.load(weights_only=True)``: a file holding anything but tensors and
+    plain values is refused before any of it runs.
+
+    A DCCL model comes in its device view, each user's rows scored with the user's metapatch; set
+    ``model.view = "cloud"`` for the cloud model. The checkpoint holds the phase that scored best in the device
+    view, so its cloud view is the cloud model of that phase. ``verbose=False`` logs errors only.
+
+    Returns:
+        tuple: ``(config, model, dataset, train_data, valid_data, test_data)``, as RecBole's.
+    """
+    checkpoint = load_safe(model_file, "model_file")
+    config = saved_config(model_file, checkpoint)
+    dataset, (train_data, valid_data, test_data), model = prepare(config, verbose)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    if getattr(model, "is_dccl", False):
+        model.view = "device"
+    return config, model, dataset, train_data, valid_data, test_data
+
+
+def saved_config(model_file, checkpoint):
+    """The :class:`DCCLConfig` of the run that wrote ``checkpoint`` (read from ``model_file``)."""
+    stored = checkpoint.get("config")
+    if not isinstance(stored, dict) or "model" not in stored or "state_dict" not in checkpoint:
+        raise InputError(f"model_file: [{model_file}] is not a model checkpoint written through recbole_dccl (saved/).")
+    settings = {key: value for key, value in stored.items() if key not in DERIVED_KEYS}
+    # RecBole stores data_path joined with the dataset name.
+    if os.path.basename(os.path.normpath(settings["data_path"])) == stored["dataset"]:
+        settings["data_path"] = os.path.dirname(os.path.normpath(settings["data_path"]))
+    settings.update(dict.fromkeys(TRAINING_FILE_KEYS))
+    return DCCLConfig(model=stored["model"], dataset=stored["dataset"], config_dict=settings)
 
 
 def write_result_file(path, result):

@@ -33,6 +33,8 @@ def test_batched_device_phase_equals_per_user_loop(tiny_config, protocol, valid_
     assert (batched.metapatch - start).abs().max() > 1e-3  # it trained
     assert (batched.metapatch - loop.metapatch).abs().max() < 1e-5
     assert torch.equal(batched.adopted, loop.adopted)
+    assert torch.allclose(batched.train_loss, loop.train_loss, atol=1e-5, equal_nan=True)
+    assert batched.train_loss.isfinite().any()
     if valid_size:
         assert 0 < int(batched.adopted.sum()) < len(local.users)  # the guard keeps some cloud models
         assert torch.allclose(batched.valid_loss_device, loop.valid_loss_device, atol=1e-5)

@@ -21,8 +21,8 @@ from torch import nn
 from recbole_dccl.errors import InputError
 from recbole_dccl.model.encoder import AuxiliaryEncoder
 from recbole_dccl.model.families import FAMILIES, family_of
+from recbole_dccl.model.lookup import recbole_model_class
 from recbole_dccl.model.metapatch import MetaPatch, PatchContext, UserPatch, find_sites, site_output_dims, wrap_site
-from recbole_dccl.utils import recbole_model_class
 
 HISTORY_LENGTH = 50
 

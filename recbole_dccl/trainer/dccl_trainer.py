@@ -9,8 +9,8 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import dict2str, set_color
 
-from recbole_dccl.config import dccl_defaults
 from recbole_dccl.data import RoundSchedule
+from recbole_dccl.defaults import dccl_defaults
 from recbole_dccl.distributed import (
     DistributedTrainerMixin, gather_user_rows, is_main_process, sum_over_ranks, user_share,
 )
@@ -20,6 +20,7 @@ from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, check_identity,
 from recbole_dccl.trainer.cold_start import COLD_GROUP, cold_start_report, cold_start_table
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
+from recbole_dccl.trainer.phase_log import publish_phase
 from recbole_dccl.trainer.resume import ResumedRun, run_state_file, save_run_state
 from recbole_dccl.trainer.site_cache import RowCache
 
@@ -33,6 +34,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self.history = []
         self.best = {}
         self.phase_seconds = {}
+        self.phase_values = {}  # what the phase being run measured, for phase_log
         self.teachers = self.round_loader = self.round_cache = None  # of the round being run
         self.resumed = self.run_state_file = None
         self.report = None
@@ -120,6 +122,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
                    else "no run state was written before it")
             ) from None
         self.best = self._record(round_idx, phase, self.best, changed)
+        self._publish(round_idx, phase)
         if self.run_state_file:
             save_run_state(self.run_state_file, self, round_idx, phase, self._settings())
 
@@ -188,6 +191,10 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self.model.metapatch[users] = metapatch
         self.model.uploaded_metapatch[users] = metapatch
         adopted = sum_over_ranks(self.config, int(result.adopted.sum()))
+        trained = result.train_loss.isfinite()
+        n_trained = sum_over_ranks(self.config, int(trained.sum()))
+        loss = sum_over_ranks(self.config, float(result.train_loss[trained].sum())) / n_trained if n_trained else float("nan")
+        self.phase_values = {"loss/device": loss, "adopted_share": adopted / len(users)}
         seconds = time() - start
         self.phase_seconds[f"round {round_idx} device"] = seconds
         self._log(
@@ -203,6 +210,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         for epoch in range(self.config["cloud_epochs"]):
             loss = distill_cloud_epoch(self.model, self.round_loader, optimizer, self.teachers, weight, self.config)
             self._log(f"round {round_idx} momodistill epoch {epoch} [train loss: {loss:.4f}]")
+            self.phase_values["loss/momodistill"] = loss / len(self.round_loader)
         self.phase_seconds[f"round {round_idx} momodistill"] = time() - start
 
     def _learn_shared_parameters(self, round_idx):
@@ -213,6 +221,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         for epoch in range(self.config["shared_epochs"]):
             loss = shared_parameters_epoch(self.model, self.round_loader, optimizer, self.teachers, self.config, cache)
             self._log(f"round {round_idx} shared parameters epoch {epoch} [train loss: {loss:.4f}]")
+            self.phase_values["loss/shared"] = loss / len(self.round_loader)
         with torch.no_grad():
             users = torch.arange(len(self.model.metapatch), device=self.device)
             self.model.metapatch.copy_(self.model.encode_metapatch(users))
@@ -263,6 +272,13 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             best["cloud_only"] = best["cloud"]
         self.history.append(entry)
         return best
+
+    def _publish(self, round_idx, phase):
+        """The phase's scalars on TensorBoard and Weights & Biases (:mod:`phase_log`), from the main process."""
+        if is_main_process(self.config):
+            seconds = self.phase_seconds.get(f"round {round_idx} {phase}")
+            publish_phase(self.tensorboard, self.wandblogger, len(self.history) - 1, self.history[-1], self.phase_values, seconds)
+        self.phase_values = {}
 
     def _better(self, score, best_score):
         return score > best_score if self.valid_metric_bigger else score < best_score

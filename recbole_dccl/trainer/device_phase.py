@@ -85,21 +85,22 @@ class DeviceResult:
     adopted: torch.Tensor  # [devices] bool: the patch beat the cloud model on local validation
     valid_loss_cloud: torch.Tensor  # [devices] local validation loss of the cloud model (nan: no validation)
     valid_loss_device: torch.Tensor  # [devices] ... of what the device keeps
+    train_loss: torch.Tensor  # [devices] mean loss on the device's training rows in its last local epoch (nan: none)
 
     @classmethod
-    def unguarded(cls, metapatch):
+    def unguarded(cls, metapatch, train_loss):
         """Without local validation every device keeps what it trained."""
         nan = torch.full((len(metapatch),), float("nan"), device=metapatch.device)
-        return cls(metapatch, (metapatch != 0).any(dim=1), nan, nan)
+        return cls(metapatch, (metapatch != 0).any(dim=1), nan, nan, train_loss)
 
     @classmethod
     def gather(cls, shape, parts, device):
         """One result for all devices from ``(devices, DeviceResult of those devices)`` parts."""
         nan = torch.full(shape[:1], float("nan"), device=device)
         whole = cls(torch.zeros(shape, device=device), torch.zeros(shape[:1], dtype=torch.bool, device=device), nan,
-                    nan.clone())
+                    nan.clone(), nan.clone())
         for devices, part in parts:
-            for name in ("metapatch", "adopted", "valid_loss_cloud", "valid_loss_device"):
+            for name in ("metapatch", "adopted", "valid_loss_cloud", "valid_loss_device", "train_loss"):
                 getattr(whole, name)[devices] = getattr(part, name)
         return whole
 
@@ -202,9 +203,9 @@ class BestOnLocalValidation:
         self.loss = torch.where(better, loss, self.loss)
         self.metapatch = torch.where(better.unsqueeze(1), metapatch.detach(), self.metapatch)
 
-    def result(self):
+    def result(self, train_loss):
         adopted = (self.metapatch != 0).any(dim=1)
-        return DeviceResult(self.metapatch, adopted, self.cloud_loss, self.loss)
+        return DeviceResult(self.metapatch, adopted, self.cloud_loss, self.loss, train_loss)
 
 
 class DeviceSettings:
@@ -273,9 +274,10 @@ def personalise_group(model, local, start, keys, settings):
         guard.consider(start)
     metapatch = start.clone()
     adam = PerDeviceAdam(metapatch, settings.learning_rate)
+    epoch_loss = torch.full((len(local.users),), float("nan"), device=metapatch.device)  # per device
     for epoch in range(settings.epochs):
         rows, steps = epoch_steps(local, train_rows, keys[epoch][train_rows], settings.batch_size)
-        epoch_loss = torch.zeros((), device=metapatch.device)
+        epoch_loss = torch.zeros(len(local.users), device=metapatch.device)
         for step, (first, end) in enumerate(steps):
             in_step = (counts - step * settings.batch_size).clamp(0, settings.batch_size)
             active = int((in_step > 0).sum())
@@ -283,19 +285,20 @@ def personalise_group(model, local, start, keys, settings):
             for chunk in chunks(rows[first:end], settings.chunk_size):
                 losses = row_losses(model, local, chunk, trained)
                 (losses / in_step[local.owner[chunk]]).sum().backward()
-                epoch_loss += losses.detach().sum()
+                epoch_loss.index_add_(0, local.owner[chunk], losses.detach())
             if settings.l2:
                 (settings.l2 * ((trained - start[:active]) ** 2).sum()).backward()
             adam.step(metapatch, trained.grad, active)
-        if not torch.isfinite(epoch_loss):  # one check per epoch: no extra device sync per step
-            raise NonFiniteLoss(f"the devices' training loss is {epoch_loss.item()} in local epoch {epoch}")
+        if not torch.isfinite(epoch_loss.sum()):  # one check per epoch: no extra device sync per step
+            raise NonFiniteLoss(f"the devices' training loss is {epoch_loss.sum().item()} in local epoch {epoch}")
         if every_epoch:
             guard.consider(metapatch)
+    train_loss = epoch_loss / counts  # 0 / 0 = nan for a device without training rows
     if guard is None:
-        return DeviceResult.unguarded(metapatch)
+        return DeviceResult.unguarded(metapatch, train_loss)
     if not every_epoch:
         guard.consider(metapatch)
-    return guard.result()
+    return guard.result(train_loss)
 
 
 def personalise_one_by_one(model, local, start, settings, seed, devices=None):
@@ -306,6 +309,7 @@ def personalise_one_by_one(model, local, start, settings, seed, devices=None):
         keys = local.shuffle_keys(settings.epochs, seed)
         devices = range(len(local.users)) if devices is None else [int(device) for device in devices]
         kept = torch.zeros(len(devices), start.shape[1], device=start.device)
+        train_losses = torch.full((len(devices),), float("nan"), device=start.device)
         cloud_losses, kept_losses = [], []
         for index, device in enumerate(devices):
             own_rows = torch.nonzero((local.owner == device) & ~local.is_valid).squeeze(1)
@@ -324,6 +328,7 @@ def personalise_one_by_one(model, local, start, settings, seed, devices=None):
             candidates = [start[device : device + 1]]
             for epoch_keys in keys:
                 shuffled = own_rows[torch.argsort(epoch_keys[own_rows])]
+                epoch_loss = 0.0
                 for batch in chunks(shuffled, settings.batch_size):
                     interaction = take(local.interaction, batch)
                     # One row per minibatch row by indexing, as the batched phase does: the gradient then sums the
@@ -331,12 +336,14 @@ def personalise_one_by_one(model, local, start, settings, seed, devices=None):
                     # can turn that last-bit difference into 6e-5 on a device with ~30 rows).
                     logits = model(interaction, param[torch.zeros(len(batch), dtype=torch.long, device=param.device)])
                     loss = model.objective.loss(logits, interaction).mean()
+                    epoch_loss += loss.item() * len(batch)
                     if settings.l2:
                         loss = loss + settings.l2 * ((param - start[device]) ** 2).sum()
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
                 candidates.append(param.detach().clone())
+                train_losses[index] = epoch_loss / len(own_rows) if len(own_rows) else float("nan")
             if not settings.valid_size:
                 kept[index] = param.detach()[0]
                 continue
@@ -348,6 +355,6 @@ def personalise_one_by_one(model, local, start, settings, seed, devices=None):
                     best, best_loss = candidate, loss
             kept[index], kept_losses = best[0], kept_losses + [best_loss]
         if not settings.valid_size:
-            return DeviceResult.unguarded(kept)
+            return DeviceResult.unguarded(kept, train_losses)
         as_tensor = lambda values: torch.stack(values).to(kept.device)
-        return DeviceResult(kept, (kept != 0).any(dim=1), as_tensor(cloud_losses), as_tensor(kept_losses))
+        return DeviceResult(kept, (kept != 0).any(dim=1), as_tensor(cloud_losses), as_tensor(kept_losses), train_losses)

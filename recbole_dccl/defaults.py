@@ -1,0 +1,19 @@
+"""Where the plugin's YAML defaults live, and DCCL's defaults as written there."""
+
+import os
+
+import yaml
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# Installed, the YAML defaults live in the package; in a source checkout, in the top-level properties/.
+PROPERTIES_DIR = next(
+    path
+    for path in (os.path.join(_PACKAGE_DIR, "properties"), os.path.join(_PACKAGE_DIR, os.pardir, "properties"))
+    if os.path.isfile(os.path.join(path, "model", "DCCL.yaml"))
+)
+
+
+def dccl_defaults():
+    """The defaults of every DCCL key, as written in ``properties/model/DCCL.yaml``."""
+    with open(os.path.join(PROPERTIES_DIR, "model", "DCCL.yaml")) as file:
+        return yaml.safe_load(file)
