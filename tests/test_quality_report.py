@@ -26,10 +26,10 @@ def view(values):
     }
 
 
-def cell(cloud_only, cloud, device, device_method="metapatch"):
+def cell(cloud_only, cloud, device, device_method="metapatch", deployed_cloud=None):
     history = [{"round": 0, "phase": "cloud", "cloud": cloud_only, "device": cloud_only},
                {"round": 1, "phase": "momodistill", "cloud": cloud, "device": device}]
-    return {"cloud_only": cloud_only, "dccl_cloud": cloud, "dccl_device": device, "deployed_cloud": cloud,
+    return {"cloud_only": cloud_only, "dccl_cloud": cloud, "dccl_device": device, "deployed_cloud": deployed_cloud or cloud,
             "deployed_device": device, "history": history, "user_groups": GROUPS,
             "config": {"device_method": device_method}}
 
@@ -50,7 +50,7 @@ def cells(tmp_path):
         tail_boost = np.where(np.arange(len(USERS)) < 20, 1.5, 1.0)  # devices help G1 only, by 50%
         cells = {
             "dccl": cell(view(base), view(base), view(base * tail_boost)),
-            "data": cell(view(base), view(base * 0.9), view(base * 0.9), device_method="none"),
+            "data": cell(view(base), view(base * 0.9), view(base * 0.9), device_method="none", deployed_cloud=view(base * 0.8)),
             "frequency": plain_cell(base * 2),
         }
         for name, content in cells.items():
@@ -74,7 +74,9 @@ def test_paired_gain_and_interval(cells):
     assert 0.0 < overall["ci95"][0] < overall["gain"] < overall["ci95"][1] < 0.5  # users differ: a real interval
     versus_data = rows["dccl cloud"]["paired_gain_vs_data"]["all"]["ndcg@10"]
     assert versus_data["gain"] == pytest.approx(1 / 0.9 - 1)
-    assert "paired_gain_vs_data" not in rows["data cloud"]
+    deployed_versus_data = rows["dccl cloud deployed"]["paired_gain_vs_data"]["all"]["ndcg@10"]
+    assert deployed_versus_data["gain"] == pytest.approx(1 / 0.8 - 1)  # against data's deployed model, not its selected one
+    assert "paired_gain_vs_data" not in rows["data cloud"] and "paired_gain_vs_data" not in rows["data cloud deployed"]
     assert summary["rounds"]["dccl"]["phases"] == ["0:cloud", "1:momodistill"]
     device = rows["dccl device"]["test"]["ndcg@10"]["mean"]
     assert summary["by_rounds"]["dccl"][1]["device"] == {"selected": pytest.approx(device), "deployed": pytest.approx(device)}

@@ -55,7 +55,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
 
         self._phase(0, "cloud", lambda: self._pretrain_cloud(schedule, train_data, verbose, show_progress, callback_fn))
         for round_idx in range(1, self.config["rounds"] + 1):
-            device_rows = self._start_round(schedule, round_idx)
+            self._start_round(schedule, round_idx)
             if self.has_devices:
                 local_rows = schedule.local_rows(round_idx)
                 device_phase = lambda: self._device_phase(round_idx, train_data.dataset, local_rows)
@@ -185,7 +185,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         start_metapatch = self.model.metapatch[local.users]
         # The outputs it computes are kept for MoMoDistill's teachers when the devices hold just the round's rows
         # (the rows they hold always include those: only their number tells the two apart).
-        keep = self.round_cache if len(rows) == len(self.round_loader.dataset) else None
+        keep = self.round_cache if self.round_cache is not None and self.round_cache.rows == len(rows) else None
         result = personalise(self.model, local, start_metapatch, settings, self.config["seed"] + round_idx, keep=keep)
         users, metapatch = gather_user_rows(self.config, local.users, result.metapatch, len(self.model.metapatch))
         self.model.metapatch[users] = metapatch
