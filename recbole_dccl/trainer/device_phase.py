@@ -240,7 +240,8 @@ def personalise(model, local, start, settings, seed, keep=None):
 
     The devices train group by group, each group's rows sized so that its cached site outputs fit in
     ``device_cache_mb``; a device's training depends on its own rows only, so grouping never changes a result.
-    ``keep``: a :class:`RowCache` of the round's rows that also keeps those outputs, for MoMoDistill's teachers."""
+    ``keep``: a :class:`RowCache` of the round's rows; when it can hold them, the devices read their outputs from
+    it, and MoMoDistill's teachers then find them there."""
     with frozen(model):
         keys = local.shuffle_keys(settings.epochs, seed)
         cache, why_not = SiteCache.probe(model, local.interaction) if settings.cache_bytes else (None, "device_cache_mb=0")
@@ -255,10 +256,10 @@ def personalise(model, local, start, settings, seed, keep=None):
         parts = []
         for devices in progress(groups, "Devices", settings.show_progress and len(groups) > 1):
             group, rows = local.subset(devices)
-            if cache is not None:
+            if cache is not None and keep is not None and keep.ready(model, site=cache):
+                group.cached = keep.lookup(group.key_index, model)
+            elif cache is not None:
                 group.cached = cache.outputs(model, group.interaction, settings.chunk_size)
-                if keep is not None and keep.ready(model, group.interaction, site=cache):
-                    keep.store(group.key_index, group.cached)
             parts.append((devices, personalise_group(model, group, start[devices], keys[:, rows], settings)))
         return DeviceResult.gather(start.shape, parts, start.device)
 
