@@ -124,8 +124,17 @@ def row_losses(model, local, rows, metapatch):
     """Per-row data loss of ``rows`` under their devices' rows of ``metapatch`` (``[devices, k]``)."""
     interaction = take(local.interaction, rows)
     with replaying(model, {site: outputs[rows] for site, outputs in local.cached.items()}):
-        logits = model(interaction, metapatch[local.owner[rows]])
+        logits = model(interaction, gather_rows(metapatch, local.owner[rows]))
     return model.objective.loss(logits, interaction)
+
+
+def gather_rows(table, index):
+    """``table[index]`` by ``index_select``, whose gradient adds the rows of each ``table`` row in ``index`` order
+    on any number of threads. The gradient of ``table[index]`` (``index_put_`` with accumulate) adds them with
+    atomic adds on several threads once it has 32,768 elements (ml-100k's first device step: 3,772 rows of 16), in
+    an order set by thread timing, i.e. by the machine's load; a step's rows come grouped by device, so only a device
+    whose rows straddled two threads' shares was exposed."""
+    return table.index_select(0, index)
 
 
 def chunks(rows, size):
@@ -327,10 +336,11 @@ def personalise_one_by_one(model, local, start, settings, seed, devices=None):
                 shuffled = own_rows[torch.argsort(epoch_keys[own_rows])]
                 for batch in chunks(shuffled, settings.batch_size):
                     interaction = take(local.interaction, batch)
-                    # One row per minibatch row by indexing, as the batched phase does: the gradient then sums the
-                    # rows the same way (expand's backward sums them in another order, and Adam's normalisation
-                    # can turn that last-bit difference into 6e-5 on a device with ~30 rows).
-                    logits = model(interaction, param[torch.zeros(len(batch), dtype=torch.long, device=param.device)])
+                    # One row per minibatch row, as the batched phase takes them: the gradient then sums the rows
+                    # the same way (expand's backward sums them in another order, and Adam's normalisation can
+                    # turn that last-bit difference into 6e-5 on a device with ~30 rows).
+                    owner = torch.zeros(len(batch), dtype=torch.long, device=param.device)
+                    logits = model(interaction, gather_rows(param, owner))
                     loss = model.objective.loss(logits, interaction).mean()
                     if settings.l2:
                         loss = loss + settings.l2 * ((param - start[device]) ** 2).sum()
