@@ -3,6 +3,7 @@ the last good state; a run state from other settings is refused."""
 
 import glob
 import json
+import logging
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ from recbole_dccl.model.dccl import DCCL
 from recbole_dccl.model.objectives import NextItemObjective
 from recbole_dccl.trainer import device_phase
 from recbole_dccl.trainer.checkpoint import load_safe
+from recbole_dccl.trainer.resume import ResumedRun, run_state_file, save_run_state
 from tests.helpers import build
 
 RUN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_recbole_dccl.py")
@@ -170,3 +172,17 @@ def test_resume_folder_without_run_state_is_refused(tiny_config, tmp_path):
     _, (train_data, valid_data, _), _, trainer = build({**tiny_config, "resume": str(empty)})
     with pytest.raises(InputError, match=r"resume: \[.*empty\] holds no run-state file"):
         trainer.fit(train_data, valid_data)
+
+
+def test_resuming_on_another_number_of_threads_is_warned(tiny_config, caplog):
+    _, _, _, trainer = build(tiny_config)
+    path = run_state_file(trainer.saved_model_file)
+    save_run_state(path, trainer, 0, "cloud", trainer._settings())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with caplog.at_level(logging.WARNING):
+            ResumedRun(path, trainer._settings())
+    finally:
+        torch.set_num_threads(threads)
+    assert f"was written by a run on {threads} threads and this one runs on {threads + 1}" in caplog.text
