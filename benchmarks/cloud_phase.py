@@ -65,7 +65,7 @@ def measure(args, backbone):
     def shared_epoch(first):
         nonlocal shared_cache
         if first:  # a new W_f: step 2 starts with nothing cached
-            shared_cache = trainer._row_cache(len(rows))
+            shared_cache = trainer._row_cache()
         shared_parameters_epoch(model, loader, shared_optimizer, teachers, config, shared_cache)
 
     epochs = {

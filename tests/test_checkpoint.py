@@ -1,11 +1,14 @@
-"""Every checkpoint we read goes through one safe loader: foreign or tampered files are refused, nothing runs."""
+"""Every checkpoint we read goes through one safe loader: foreign or tampered files are refused, nothing runs.
+Every run writes files of its own."""
 
+import os
 import re
 
 import pytest
 import torch
 
 from recbole_dccl.errors import InputError
+from recbole_dccl.trainer import checkpoint
 from recbole_dccl.trainer.checkpoint import load_safe
 from recbole_dccl.trainer.resume import ResumedRun
 from tests.helpers import build
@@ -60,3 +63,19 @@ def test_a_file_that_is_no_checkpoint_is_refused(tmp_path, content, message):
     path.write_bytes(content)
     with pytest.raises(InputError, match=rf"resume: \[{re.escape(str(path))}\] {message}"):
         load_safe(str(path), "resume")
+
+
+def test_runs_started_within_one_second_keep_files_of_their_own(tiny_config, monkeypatch):
+    monkeypatch.setattr(checkpoint, "get_local_time", lambda: "Mar-05-2026_14-03-07")  # RecBole's name, one second
+    rates = (0.05, 0.5)
+    runs = [build({**tiny_config, "rounds": 1, "device_learning_rate": rate}) for rate in rates]
+    for _, (train_data, valid_data, _), _, trainer in runs:
+        trainer.fit(train_data, valid_data, saved=True)
+    trainers = [trainer for *_, trainer in runs]
+    files = [path for trainer in trainers for path in (trainer.saved_model_file, trainer.run_state_file)]
+    assert sorted(os.listdir(tiny_config["checkpoint_dir"])) == sorted(map(os.path.basename, files))
+    assert len(set(files)) == 4
+    assert all(os.path.basename(path).startswith("DCCL-Mar-05-2026_14-03-07-") for path in files)
+    for trainer, rate in zip(trainers, rates):
+        assert load_safe(trainer.saved_model_file, "resume")["config"]["device_learning_rate"] == rate
+        assert load_safe(trainer.run_state_file, "resume")["identity"]["device_learning_rate"] == rate

@@ -3,6 +3,7 @@ the last good state; a run state from other settings is refused."""
 
 import glob
 import json
+import logging
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ from recbole_dccl.model.dccl import DCCL
 from recbole_dccl.model.objectives import NextItemObjective
 from recbole_dccl.trainer import device_phase
 from recbole_dccl.trainer.checkpoint import load_safe
+from recbole_dccl.trainer.resume import ResumedRun, run_state_file, save_run_state
 from tests.helpers import build
 
 RUN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_recbole_dccl.py")
@@ -77,14 +79,21 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("device_method,crashing_phase", [("metapatch", "_learn_shared_parameters"), ("none", "_momodistill")])
+@pytest.mark.parametrize(
+    "device_method,crashing_phase",
+    [("metapatch", "_learn_shared_parameters"), ("metapatch", "_momodistill"), ("none", "_momodistill")],
+)
 def test_run_resumed_after_a_crash_equals_the_uninterrupted_run(tiny_config, device_method, crashing_phase):
     """In one process, quicker than the kill test: a crash in round 2 resumes from the phase before it, in the same
-    round (the loader position and the teachers are restored) or, without device phases, in round 1."""
-    # Several batches per round, so the order the round's loader shuffles them in matters.
-    settings = {**tiny_config, "rounds": 2, "device_method": device_method, "train_batch_size": 16}
+    round (the loader position and the teachers are restored, the device phase's site outputs computed as it
+    computed them) or, without device phases, in round 1."""
+    # A round's 90 rows (30 users, 3 fresh interactions each) in two batches, so the order the round's loader
+    # shuffles them in matters, the second of one row: a one-row matmul rounds differently from the device phase's
+    # 90-row chunk, so teachers that recomputed their inputs batch by batch after a resume would drift (they did).
+    settings = {**tiny_config, "rounds": 2, "device_method": device_method, "train_batch_size": 89}
     _, (train_data, valid_data, test_data), _, reference = build(settings)
     reference.fit(train_data, valid_data, saved=True, test_data=test_data)
+    assert len(reference.round_loader.dataset) == 90
 
     _, (train_data, valid_data, test_data), _, crashing = build(settings)
     run_phase = getattr(crashing, crashing_phase)
@@ -102,7 +111,8 @@ def test_run_resumed_after_a_crash_equals_the_uninterrupted_run(tiny_config, dev
     resumed.fit(train_data, valid_data, saved=True, test_data=test_data)
     assert resumed.history == reference.history
     assert resumed.report["dccl_device"] == reference.report["dccl_device"]
-    # The weights at the end, not only the (coarse) ranking metrics of 30 users.
+    # The weights at the end, not only the (coarse) ranking metrics of 30 users, each run's from its own file.
+    assert resumed.run_state_file != reference.run_state_file
     final, expected = (load_safe(trainer.run_state_file, "resume")["model"] for trainer in (resumed, reference))
     assert [name for name in expected if not torch.equal(final[name], expected[name])] == []
 
@@ -162,3 +172,17 @@ def test_resume_folder_without_run_state_is_refused(tiny_config, tmp_path):
     _, (train_data, valid_data, _), _, trainer = build({**tiny_config, "resume": str(empty)})
     with pytest.raises(InputError, match=r"resume: \[.*empty\] holds no run-state file"):
         trainer.fit(train_data, valid_data)
+
+
+def test_resuming_on_another_number_of_threads_is_warned(tiny_config, caplog):
+    _, _, _, trainer = build(tiny_config)
+    path = run_state_file(trainer.saved_model_file)
+    save_run_state(path, trainer, 0, "cloud", trainer._settings())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with caplog.at_level(logging.WARNING):
+            ResumedRun(path, trainer._settings())
+    finally:
+        torch.set_num_threads(threads)
+    assert f"was written by a run on {threads} threads and this one runs on {threads + 1}" in caplog.text

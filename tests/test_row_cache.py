@@ -1,5 +1,5 @@
 """The round's cached site outputs in the cloud phase: MoMoDistill's teachers read what the device phase computed,
-step 2 computes its own once; neither changes a result."""
+step 2 computes its own once; neither changes a result, and whoever asks first, every row is computed alike."""
 
 import pytest
 import torch
@@ -33,7 +33,7 @@ def test_round_loader_numbers_its_rows(tiny_config):
 def test_teachers_run_from_the_device_phase_outputs(tiny_config):
     config, train_data, model, trainer, rows = round_one(tiny_config)
     trainer._device_phase(1, train_data.dataset, rows)
-    assert trainer.round_cache.filled.all()  # the device phase kept the outputs of every round row
+    assert len(trainer.round_cache.outputs) == len(rows)  # the device phase kept the outputs of every round row
     cached, plain = DeviceTeachers(model, cache=trainer.round_cache), DeviceTeachers(model)
     gru_calls = counting_calls(model.backbone.gru_layers)
     for batch in trainer.round_loader:
@@ -54,7 +54,7 @@ def test_teachers_fill_the_cache_when_the_device_phase_did_not(tiny_config):
     first = [cached.logits(batch) for batch in batches]
     calls = len(gru_calls)
     again = [cached.logits(batch) for batch in batches]
-    assert calls > 0 and len(gru_calls) == calls  # computed on the first pass over the rows, replayed on the second
+    assert calls > 0 and len(gru_calls) == calls  # computed at the first batch, replayed ever after
     for batch, one, two in zip(batches, first, again):
         assert torch.allclose(one, plain.logits(batch), atol=1e-6) and torch.allclose(two, one, atol=1e-6)
 
@@ -67,7 +67,7 @@ def test_step_2_from_its_cached_outputs_equals_running_the_backbone(tiny_config)
         teachers = DeviceTeachers(model)
         shared = list(model.patches.parameters()) + list(model.encoder.parameters())
         optimizer = trainer._build_optimizer(params=shared, learning_rate=config["shared_learning_rate"])
-        cache = trainer._row_cache(len(trainer.round_loader.dataset)) if cache else None
+        cache = trainer._row_cache() if cache else None
         torch.manual_seed(5)
         for _ in range(2):
             shared_parameters_epoch(model, trainer.round_loader, optimizer, teachers, config, cache)
@@ -75,14 +75,15 @@ def test_step_2_from_its_cached_outputs_equals_running_the_backbone(tiny_config)
 
     cache, with_cache = shared_after_two_epochs(cache=True)
     _, without = shared_after_two_epochs(cache=False)
-    assert cache.filled.all()
+    assert cache.outputs is not None
     for name, value in without.items():
         assert torch.allclose(with_cache[name], value, atol=1e-5), name
 
 
 def test_a_cache_over_its_memory_budget_holds_nothing(tiny_config):
     config, _, model, trainer, rows = round_one(tiny_config)
-    too_small = RowCache(len(rows), max_bytes=4 * tiny_config["hidden_size"] * len(rows) - 1)
+    max_bytes = 4 * tiny_config["hidden_size"] * len(rows) - 1
+    too_small = RowCache(trainer.round_loader.dataset, config["device"], max_bytes, chunk_size=1024)
     teachers = DeviceTeachers(model, cache=too_small)
     batch = next(iter(trainer.round_loader)).to(config["device"])
     teachers.logits(batch)

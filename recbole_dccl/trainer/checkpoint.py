@@ -5,16 +5,18 @@ RecBole 1.2.1 pickles its whole ``Config`` into every checkpoint, which torch>=2
 ``evaluate(load_best_model=True)`` and ``resume_checkpoint`` load our files safely, unchanged. Files are written
 to a temporary name and renamed, so a crash never leaves a half-written checkpoint. Every file we read back
 (``cloud_checkpoint``, ``resume``) goes through :func:`load_safe`: a file holding anything but tensors and plain
-values is refused before any of it runs.
+values is refused before any of it runs. RecBole names a run's checkpoint by the second it started; ours add a
+random suffix, so that runs started within one second in one ``checkpoint_dir`` keep files of their own.
 """
 
 import enum
 import os
 import pickle
 import re
+import uuid
 
 import torch
-from recbole.utils import set_color
+from recbole.utils import get_local_time, set_color
 
 from recbole_dccl.distributed import is_main_process
 from recbole_dccl.errors import InputError
@@ -71,8 +73,19 @@ def check_identity(key, path, written, current):
         raise InputError(f"{key}: [{path}] was written with other settings (file value, this run): {differs}")
 
 
+def checkpoint_file(checkpoint_dir, model):
+    """``<checkpoint_dir>/<model>-<time>-<suffix>.pth``: RecBole's name (the local time to the second) and 6 random
+    hex digits (from the operating system, not from the seeded generators), different for every run."""
+    return os.path.join(checkpoint_dir, f"{model}-{get_local_time()}-{uuid.uuid4().hex[:6]}.pth")
+
+
 class SafeCheckpointMixin:
-    """Put before a RecBole trainer class: same checkpoint keys, config stored as plain values."""
+    """Put before a RecBole trainer class: same checkpoint keys, config stored as plain values, a file name of its
+    own for every run."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.saved_model_file = checkpoint_file(self.checkpoint_dir, config["model"])
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         if not is_main_process(self.config):  # RecBole's rule (local rank 0) would write once per machine

@@ -83,7 +83,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         device_rows = schedule.device_rows(round_idx)
         self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
         self.round_loader = schedule.loader(device_rows)
-        self.round_cache = self._row_cache(len(device_rows))
+        self.round_cache = self._row_cache()
         return device_rows
 
     def _collect_user_groups(self, schedule, train_data):
@@ -185,7 +185,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         start_metapatch = self.model.metapatch[local.users]
         # The outputs it computes are kept for MoMoDistill's teachers when the devices hold just the round's rows
         # (the rows they hold always include those: only their number tells the two apart).
-        keep = self.round_cache if self.round_cache is not None and self.round_cache.rows == len(rows) else None
+        keep = self.round_cache if self.round_cache is not None and len(self.round_cache.data) == len(rows) else None
         result = personalise(self.model, local, start_metapatch, settings, self.config["seed"] + round_idx, keep=keep)
         users, metapatch = gather_user_rows(self.config, local.users, result.metapatch, len(self.model.metapatch))
         self.model.metapatch[users] = metapatch
@@ -217,7 +217,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         start = time()
         params = list(self.model.patches.parameters()) + list(self.model.encoder.parameters())
         optimizer = self._build_optimizer(params=params, learning_rate=self.config["shared_learning_rate"])
-        cache = self._row_cache(len(self.round_loader.dataset))  # of the new W_f, which step 2 keeps fixed
+        cache = self._row_cache()  # of the new W_f, which step 2 keeps fixed
         for epoch in range(self.config["shared_epochs"]):
             loss = shared_parameters_epoch(self.model, self.round_loader, optimizer, self.teachers, self.config, cache)
             self._log(f"round {round_idx} shared parameters epoch {epoch} [train loss: {loss:.4f}]")
@@ -227,8 +227,10 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             self.model.metapatch.copy_(self.model.encode_metapatch(users))
         self.phase_seconds[f"round {round_idx} shared"] = time() - start
 
-    def _row_cache(self, rows):
-        return RowCache(rows, self.config["device_cache_mb"] * 2**20)
+    def _row_cache(self):
+        """A :class:`RowCache` of the round's rows."""
+        max_bytes = self.config["device_cache_mb"] * 2**20
+        return RowCache(self.round_loader.dataset, self.device, max_bytes, self.config["device_chunk_size"])
 
     # Evaluation and bookkeeping --------------------------------------------------------------------------------
 

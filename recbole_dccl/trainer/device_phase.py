@@ -125,8 +125,17 @@ def row_losses(model, local, rows, metapatch):
     """Per-row data loss of ``rows`` under their devices' rows of ``metapatch`` (``[devices, k]``)."""
     interaction = take(local.interaction, rows)
     with replaying(model, {site: outputs[rows] for site, outputs in local.cached.items()}):
-        logits = model(interaction, metapatch[local.owner[rows]])
+        logits = model(interaction, gather_rows(metapatch, local.owner[rows]))
     return model.objective.loss(logits, interaction)
+
+
+def gather_rows(table, index):
+    """``table[index]`` by ``index_select``, whose gradient adds the rows of each ``table`` row in ``index`` order
+    on any number of threads. The gradient of ``table[index]`` (``index_put_`` with accumulate) adds them with
+    atomic adds on several threads once it has 32,768 elements (ml-100k's first device step: 3,772 rows of 16), in
+    an order set by thread timing, i.e. by the machine's load; a step's rows come grouped by device, so only a device
+    whose rows straddled two threads' shares was exposed."""
+    return table.index_select(0, index)
 
 
 def chunks(rows, size):
@@ -241,7 +250,8 @@ def personalise(model, local, start, settings, seed, keep=None):
 
     The devices train group by group, each group's rows sized so that its cached site outputs fit in
     ``device_cache_mb``; a device's training depends on its own rows only, so grouping never changes a result.
-    ``keep``: a :class:`RowCache` of the round's rows that also keeps those outputs, for MoMoDistill's teachers."""
+    ``keep``: a :class:`RowCache` of the round's rows; when it can hold them, the devices read their outputs from
+    it, and MoMoDistill's teachers then find them there."""
     with frozen(model):
         keys = local.shuffle_keys(settings.epochs, seed)
         cache, why_not = SiteCache.probe(model, local.interaction) if settings.cache_bytes else (None, "device_cache_mb=0")
@@ -256,10 +266,10 @@ def personalise(model, local, start, settings, seed, keep=None):
         parts = []
         for devices in progress(groups, "Devices", settings.show_progress and len(groups) > 1):
             group, rows = local.subset(devices)
-            if cache is not None:
+            if cache is not None and keep is not None and keep.ready(model, site=cache):
+                group.cached = keep.lookup(group.key_index, model)
+            elif cache is not None:
                 group.cached = cache.outputs(model, group.interaction, settings.chunk_size)
-                if keep is not None and keep.ready(model, group.interaction, site=cache):
-                    keep.store(group.key_index, group.cached)
             parts.append((devices, personalise_group(model, group, start[devices], keys[:, rows], settings)))
         return DeviceResult.gather(start.shape, parts, start.device)
 
@@ -331,10 +341,11 @@ def personalise_one_by_one(model, local, start, settings, seed, devices=None):
                 epoch_loss = 0.0
                 for batch in chunks(shuffled, settings.batch_size):
                     interaction = take(local.interaction, batch)
-                    # One row per minibatch row by indexing, as the batched phase does: the gradient then sums the
-                    # rows the same way (expand's backward sums them in another order, and Adam's normalisation
-                    # can turn that last-bit difference into 6e-5 on a device with ~30 rows).
-                    logits = model(interaction, param[torch.zeros(len(batch), dtype=torch.long, device=param.device)])
+                    # One row per minibatch row, as the batched phase takes them: the gradient then sums the rows
+                    # the same way (expand's backward sums them in another order, and Adam's normalisation can
+                    # turn that last-bit difference into 6e-5 on a device with ~30 rows).
+                    owner = torch.zeros(len(batch), dtype=torch.long, device=param.device)
+                    logits = model(interaction, gather_rows(param, owner))
                     loss = model.objective.loss(logits, interaction).mean()
                     epoch_loss += loss.item() * len(batch)
                     if settings.l2:

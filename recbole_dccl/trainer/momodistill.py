@@ -7,8 +7,9 @@ auxiliary encoder g so that the proxy device model (new W_f, patch from ``g(user
 The teachers are the model as the device phase left it, frozen: its state is copied once and run through
 ``torch.func.functional_call``. Below the lowest patch site neither the teachers nor step 2's backbone change, so
 both run from the round's cached site outputs (:class:`RowCache`): the teachers from those the device phase
-computed, step 2 from its own, computed in its first epoch. In a distributed run each rank takes its share of
-every batch and DDP averages the gradients of what the step trains (W_f in step 1, Theta and g in step 2).
+computed (or, in a run resumed after the device phase, from the same computation redone by the teachers' first
+batch), step 2 from its own, computed at its first batch. In a distributed run each rank takes its share of every
+batch and DDP averages the gradients of what the step trains (W_f in step 1, Theta and g in step 2).
 """
 
 import math
@@ -26,7 +27,7 @@ from recbole_dccl.trainer.site_cache import cached_forward
 class DeviceTeachers:
     """The round's device models (backbone, Theta and uploaded metapatches as they are now, or as ``state``
     holds them when a run resumes), frozen; ``cache``: the lowest site's outputs of the round's rows under this
-    backbone (a :class:`RowCache`, filled by the device phase or as the teachers run)."""
+    backbone (a :class:`RowCache`, filled by the device phase or at the teachers' first batch)."""
 
     def __init__(self, model, state=None, cache=None):
         self.model, self.cache = model, cache
@@ -40,7 +41,7 @@ class DeviceTeachers:
         self.model.eval()
         try:
             forward = lambda: functional_call(self.model, self.state, (interaction, metapatch))
-            return cached_forward(self.model, self.cache, interaction, forward)
+            return cached_forward(self.model, self.cache, interaction, forward, self.state)
         finally:  # each module's own mode: step 2 keeps the backbone in eval mode inside a training model
             for module, training in modes:
                 module.training = training

@@ -10,12 +10,15 @@ crosses a phase boundary. A resumed run rebuilds what every round derives from t
 file's run finished, and restores the rest just before the first phase it runs: it goes on exactly as the file's
 run would have.
 
-The file, ``<checkpoint_dir>/<model>-<time>-run.pth`` beside RecBole's best-model file, is replaced atomically
-after every phase and holds tensors and plain values only (read with ``weights_only=True``). It records the
-settings it was written with; a run with other settings is refused.
+The file, ``<checkpoint_dir>/<model>-<time>-<suffix>-run.pth`` beside RecBole's best-model file, is replaced
+atomically after every phase and holds tensors and plain values only (read with ``weights_only=True``). It records
+the settings it was written with; a run with other settings is refused. It also records the number of threads
+torch ran on: some CPU kernels split their work by it and round differently, so a run resumed on another number is
+warned that its results will differ from the uninterrupted run's in the last bits.
 """
 
 import glob
+import logging
 import os
 import random
 
@@ -28,8 +31,9 @@ from recbole_dccl.trainer.checkpoint import check_identity, load_safe, save_atom
 from recbole_dccl.trainer.momodistill import DeviceTeachers
 
 PHASES = ("cloud", "device", "momodistill", "shared")  # round 0 is "cloud"; every later round the other three
-# Settings a resumed run may change: where files go, and how work is chunked (never changes results).
-FREE_KEYS = ("resume", "result_file", "cloud_checkpoint", "device_chunk_size")
+# Settings a resumed run may change: where files go. (How the device phase chunks its rows is not one of them: a
+# row's loss summed in other chunks, or its site output computed in another chunk, rounds differently.)
+FREE_KEYS = ("resume", "result_file", "cloud_checkpoint")
 
 
 def run_state_file(saved_model_file):
@@ -79,6 +83,7 @@ def save_run_state(path, trainer, round_idx, phase, settings):
         "history": trainer.history,
         "best": trainer.best,
         "phase_seconds": trainer.phase_seconds,
+        "threads": torch.get_num_threads(),
     }
     save_atomic(state, path)
 
@@ -91,6 +96,13 @@ class ResumedRun:
         self.state = load_safe(self.path, "resume")
         check_identity("resume", self.path, self.state["identity"], run_identity(settings))
         self.done_until = (self.state["round"], PHASES.index(self.state["phase"]))
+        threads = self.state["threads"]
+        if threads != torch.get_num_threads():
+            logging.getLogger().warning(
+                f"resume: [{self.path}] was written by a run on {threads} threads and this one runs on "
+                f"{torch.get_num_threads()} (torch.set_num_threads, OMP_NUM_THREADS): some CPU kernels round "
+                "differently, so the results will differ from the uninterrupted run's in the last bits."
+            )
 
     @staticmethod
     def _find(path):

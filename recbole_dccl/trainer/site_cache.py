@@ -10,13 +10,18 @@ This needs the lowest site to run once per forward pass and to return one row pe
 :meth:`SiteCache.probe` says why and the device phase runs the whole model every step, as before.
 
 The cloud phase reuses the idea for the round's rows (numbered by ``ROW_FIELD``), in :class:`RowCache`: the frozen
-teachers of MoMoDistill read the outputs the device phase computed (the backbone below the site has not changed
-since), and step 2, whose backbone is frozen, computes them in its first epoch and replays them in the others.
+teachers of MoMoDistill read the outputs the device phase asked for (the backbone below the site has not changed
+since), and step 2, whose backbone is frozen, computes its own once and replays them in every epoch. A
+:class:`RowCache` computes all its rows at its first lookup, always in row order and in the same chunks, so a row's
+output never depends on who asked first: a run resumed in the middle of a round reads the very values the
+uninterrupted run read (the same row computed within other rows can differ in the last bit: a matmul's kernel, and
+so its rounding, depends on the number of rows).
 """
 
 from contextlib import contextmanager
 
 import torch
+from torch.func import functional_call
 
 from recbole_dccl.data import ROW_FIELD
 from recbole_dccl.model.metapatch import SiteReached
@@ -75,66 +80,55 @@ class SiteCache:
         return cls(site, output[0].numel() * output.element_size()), None
 
     @torch.no_grad()
-    def outputs(self, model, interaction, chunk_size):
-        """The site's unpatched output for every row of ``interaction``, computed ``chunk_size`` rows at a time
-        (the model stops at the site)."""
+    def outputs(self, model, rows, chunk_size, state=None, device=None):
+        """The site's unpatched output for every row of ``rows`` (an ``Interaction``, or a RecBole dataset read a
+        chunk at a time and moved to ``device``), computed ``chunk_size`` rows at a time by ``model``, or by
+        ``model`` with the parameters and buffers ``state`` (the model stops at the site)."""
         parts = []
-        for start in range(0, len(interaction), chunk_size):
+        for start in range(0, len(rows), chunk_size):
+            chunk = rows[start : start + chunk_size]
+            if device is not None:
+                chunk = chunk.to(device)
             with capturing(model, stop=True) as captured:
-                model(interaction[start : start + chunk_size])
+                model(chunk) if state is None else functional_call(model, state, (chunk,))
             parts.append(captured[0][1])
         return {self.site: torch.cat(parts)}
 
 
 class RowCache:
-    """The lowest site's outputs for the rows ``0 .. rows - 1`` of one dataset (a round's rows), kept as they are
-    computed, for as long as the model below the site is frozen. Holds nothing when they would take more than
-    ``max_bytes`` or when the model's sites cannot be cached."""
+    """The lowest site's outputs for every row of one round's ``data`` (a RecBole dataset whose rows are numbered
+    ``0 .. len(data) - 1`` by ``ROW_FIELD``), for as long as the model below the site is frozen. The first lookup
+    computes them all, in row order, ``chunk_size`` rows at a time on ``device``, whoever asks first (the device
+    phase for its devices, a teacher or step 2 for a training batch, a resumed run for the batch it starts with).
+    Holds nothing when they would take more than ``max_bytes`` or when the model's sites cannot be cached."""
 
-    def __init__(self, rows, max_bytes):
-        self.rows, self.max_bytes = rows, max_bytes
+    def __init__(self, data, device, max_bytes, chunk_size):
+        self.data, self.device, self.max_bytes, self.chunk_size = data, device, max_bytes, chunk_size
         self.site = None  # the SiteCache, once probed
-        self.usable = max_bytes > 0
-        self.outputs = self.filled = None
+        self.usable = max_bytes > 0 and len(data) > 0
+        self.outputs = None
 
-    def ready(self, model, interaction, site=None):
+    def ready(self, model, site=None):
         """Whether outputs can be kept for ``model``; the first call takes its lowest ``site`` (a :class:`SiteCache`)
-        from a caller that has probed it, or probes it on ``interaction``."""
+        from a caller that has probed it, or probes it on the first rows."""
         if self.usable and self.site is None:
-            self.site = site if site is not None else SiteCache.probe(model, interaction)[0]
-            self.usable = self.site is not None and self.site.bytes_per_row * self.rows <= self.max_bytes
+            self.site = site if site is not None else SiteCache.probe(model, self.data[:5].to(self.device))[0]
+            self.usable = self.site is not None and self.site.bytes_per_row * len(self.data) <= self.max_bytes
         return self.usable
 
-    def store(self, rows, outputs):
-        """Keep ``outputs`` (site name -> ``[len(rows), ...]``) of ``rows``."""
-        if not self.usable:
-            return
-        (values,) = outputs.values()
+    def lookup(self, rows, model, state=None):
+        """``{site: outputs of rows}``, all rows computed at the first call by ``model`` (with the parameters and
+        buffers ``state``, if given: the model below the site must be the same at every call)."""
         if self.outputs is None:
-            self.outputs = values.new_empty((self.rows, *values.shape[1:]))
-            self.filled = torch.zeros(self.rows, dtype=torch.bool, device=values.device)
-        self.outputs[rows] = values.detach()
-        self.filled[rows] = True
-
-    def lookup(self, rows):
-        """``{site: outputs of rows}`` if every one of ``rows`` is kept, else ``None``."""
-        if self.outputs is None or not bool(self.filled[rows].all()):
-            return None
+            self.outputs = self.site.outputs(model, self.data, self.chunk_size, state, self.device)[self.site.site]
         return {self.site.site: self.outputs[rows]}
 
 
-def cached_forward(model, cache, interaction, forward):
-    """``forward()`` (a pass of ``model`` over ``interaction``) with the lowest site's output taken from ``cache``
-    when it holds all of the interaction's rows, else computed and kept there. Rows without a number
-    (``ROW_FIELD``) or a cache that cannot hold them run ``forward()`` as it is."""
-    if cache is None or ROW_FIELD not in interaction or not cache.ready(model, interaction):
+def cached_forward(model, cache, interaction, forward, state=None):
+    """``forward()`` (a pass of ``model``, or of ``model`` with the parameters and buffers ``state``, over
+    ``interaction``) with the lowest site's output taken from ``cache``. Rows without a number (``ROW_FIELD``) or a
+    cache that cannot hold them run ``forward()`` as it is."""
+    if cache is None or ROW_FIELD not in interaction or not cache.ready(model):
         return forward()
-    rows = interaction[ROW_FIELD]
-    outputs = cache.lookup(rows)
-    if outputs is not None:
-        with replaying(model, outputs):
-            return forward()
-    with capturing(model) as captured:
-        result = forward()
-    cache.store(rows, dict(captured[:1]))
-    return result
+    with replaying(model, cache.lookup(interaction[ROW_FIELD], model, state)):
+        return forward()
