@@ -1,0 +1,85 @@
+"""The results matrix of docs/results.md: every committed quality benchmark (``docs/results/<dataset>-<backbone>-
+<protocol>/summary.json``, written by ``benchmarks/quality.py``) as one column, every model as one row.
+
+    python benchmarks/matrix.py --tuned=all64 docs/results/foursquare_nyc-GRU4Rec-incremental ...
+
+Prints three markdown tables: test NDCG@10 (mean over seeds) with the paired per-user gain over cloud-only and its
+95% interval; the same for the least-active fifth of users; the paired gain over the model-over-data cloud (deployed
+rows against its deployed model). ``--tuned``: the variant whose settings were chosen on validation.
+"""
+
+import argparse
+import json
+import os
+
+ROWS = (  # (label, row name in summary.json; "{tuned}" is the --tuned variant)
+    ("Pop (global popularity)", "pop"),
+    ("Frequency (user's own items)", "frequency"),
+    ("RepeatNet", "repeatnet"),
+    ("cloud only", "cloud-only"),
+    ("model-over-data, selected", "data cloud"),
+    ("model-over-data, deployed", "data cloud deployed"),
+    ("DCCL defaults, cloud, selected", "dccl cloud"),
+    ("DCCL defaults, cloud, deployed", "dccl cloud deployed"),
+    ("DCCL defaults, device, selected", "dccl device"),
+    ("DCCL defaults, device, deployed", "dccl device deployed"),
+    ("DCCL tuned, cloud, selected", "{tuned} cloud"),
+    ("DCCL tuned, cloud, deployed", "{tuned} cloud deployed"),
+    ("DCCL tuned, device, selected", "{tuned} device"),
+    ("DCCL tuned, device, deployed", "{tuned} device deployed"),
+)
+
+
+def percent(gain):
+    low, high = gain["ci95"]
+    return f"{100 * gain['gain']:+.1f}% [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def cell(summary, name, metric, scope):
+    row = summary["rows"].get(name)
+    if row is None:
+        return "not run"
+    if scope == "all":
+        return f"{row['test'][metric]['mean']:.4f} ({percent(row['paired_gain'][metric])})"
+    if scope == "least_active":
+        group = row["groups"][summary["groups"][0]]
+        return f"{group['test'][metric]['mean']:.4f} ({percent(group['paired_gain'][metric])})"
+    versus = row.get("paired_gain_vs_data")
+    return percent(versus["all"][metric]) if versus else "—"
+
+
+def matrix(summaries, tuned, metric="ndcg@10"):
+    titles = list(summaries)
+    tables = []
+    for scope, heading in (
+        ("all", f"Test {metric}, mean over seeds (paired per-user gain over cloud-only [95% CI])"),
+        ("least_active", f"Least-active fifth of users: test {metric} (gain over cloud-only [95% CI])"),
+        ("versus_data", f"Paired gain in test {metric} over the model-over-data cloud [95% CI]"),
+    ):
+        lines = [f"**{heading}**", "", "| model | " + " | ".join(titles) + " |", "|---" * (len(titles) + 1) + "|"]
+        for label, name in ROWS:
+            name = name.format(tuned=tuned)
+            values = [cell(summaries[title], name, metric, scope) for title in titles]
+            if all(value == "not run" for value in values):
+                continue
+            lines.append(f"| {label} | " + " | ".join(values) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", help="quality.py --out folders holding summary.json")
+    parser.add_argument("--tuned", default="tuned", help="the variant chosen on validation")
+    args = parser.parse_args()
+    summaries = {}
+    for folder in args.folders:
+        with open(os.path.join(folder, "summary.json")) as file:
+            summary = json.load(file)
+        seeds = len(summary["seeds"])
+        summaries[f"{os.path.basename(os.path.normpath(folder))} ({seeds} seed{'s' * (seeds > 1)})"] = summary
+    print(matrix(summaries, args.tuned))
+
+
+if __name__ == "__main__":
+    main()
