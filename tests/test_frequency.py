@@ -2,8 +2,10 @@
 masked, nothing learned."""
 
 import numpy as np
+import pytest
 import torch
 
+from recbole_dccl.errors import InputError
 from recbole_dccl.model.frequency import user_scores
 from recbole_dccl.quick_start import run_recbole_dccl
 from tests.helpers import build
@@ -47,3 +49,8 @@ def test_frequency_runs_through_the_entry_point_with_per_user_results(tiny_confi
     users = result["test_users"]
     assert abs(np.mean(users["ndcg@10"]) - result["test_result"]["ndcg@10"]) < 1e-4  # RecBole rounds to 4 places
     assert sum(len(members) for members in result["user_groups"].values()) == 30
+
+
+def test_an_unknown_scope_is_refused_by_name(tiny_config):
+    with pytest.raises(InputError, match=r"frequency_scope: \[users\] is not valid; it must be one of \['user', 'global'\]"):
+        build({**tiny_config, "frequency_scope": "users"}, model="Frequency")

@@ -17,22 +17,27 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType, ModelType
 
+from recbole_dccl.errors import InputError
+
 SCOPES = ("user", "global")
 
 
 class Frequency(SequentialRecommender):
+    """Counting baselines: each user's own items by count then recency, or global popularity (``frequency_scope``)."""
+
     type = ModelType.SEQUENTIAL
     input_type = InputType.POINTWISE
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.scope = config["frequency_scope"]
+        if self.scope not in SCOPES:
+            raise InputError(f"frequency_scope: [{self.scope}] is not valid; it must be one of {list(SCOPES)}.")
         users, items = training_interactions(dataset, self.ITEM_SEQ, self.ITEM_SEQ_LEN)
-        self.n_users = dataset.user_num
         global_count = np.bincount(items, minlength=self.n_items).astype(np.float64)
         # Unconsumed items rank by global count, below every consumed one: a score in [0, 1).
         self.register_buffer("popularity", torch.from_numpy(global_count / (global_count.max() + 1)))
-        self.user_scores = user_scores(users, items, self.n_users, self.n_items)
+        self.user_scores = user_scores(users, items, dataset.user_num, self.n_items)
         self.fake_loss = torch.nn.Parameter(torch.zeros(1))  # RecBole's trainer needs a parameter to optimise
 
     def calculate_loss(self, interaction):
