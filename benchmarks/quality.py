@@ -79,8 +79,9 @@ def load_cells(out, variants, seeds):
     return cells
 
 
-def is_dccl(cell):
-    return "cloud_only" in cell
+def dccl_variants(cells, variants, seeds):
+    """The variants whose cells are DCCL runs (the others are plain models: baselines)."""
+    return [variant for variant in variants if "cloud_only" in cells[variant, seeds[0]]]
 
 
 def plain_reading(cell):
@@ -93,11 +94,11 @@ def model_rows(cells, variants, seeds):
     """``{row name: [one result per seed]}``: cloud-only (of the first DCCL variant), then per DCCL variant its cloud
     and device views as selected on valid and as deployed at the end of its last round (no device rows when the
     variant has no device models), per plain model (a baseline) its one reading."""
-    dccl_variants = [variant for variant in variants if is_dccl(cells[variant, seeds[0]])]
-    rows = {"cloud-only": [cells[dccl_variants[0], seed]["cloud_only"] for seed in seeds]} if dccl_variants else {}
+    dccl = dccl_variants(cells, variants, seeds)
+    rows = {"cloud-only": [cells[dccl[0], seed]["cloud_only"] for seed in seeds]} if dccl else {}
     for variant in variants:
         first = cells[variant, seeds[0]]
-        if not is_dccl(first):
+        if variant not in dccl:
             rows[variant] = [plain_reading(cells[variant, seed]) for seed in seeds]
             continue
         views = ("cloud", "device") if first["config"].get("device_method", "metapatch") != "none" else ("cloud",)
@@ -174,9 +175,9 @@ def summarise(cells, variants, seeds):
                 for scope, group in (("all", None), ("least_active_group", group_names[0]))
             }
         summary["rows"][name] = row
-    dccl_variants = [variant for variant in variants if is_dccl(cells[variant, seeds[0]])]
-    summary["rounds"] = round_curves(cells, dccl_variants, seeds, metrics[0])
-    summary["by_rounds"] = by_rounds(cells, dccl_variants, seeds, metrics[0])
+    dccl = dccl_variants(cells, variants, seeds)
+    summary["rounds"] = round_curves(cells, dccl, seeds, metrics[0])
+    summary["by_rounds"] = by_rounds(cells, dccl, seeds, metrics[0])
     summary["cold_start"] = cold_start_rows(cells, variants, seeds, metrics)
     return summary
 
