@@ -15,8 +15,9 @@ From a DCCL checkpoint (saved/) this writes
   the device (package :mod:`dccl_device`).
 - ``metapatch/<user token>.npz``: each user's metapatch (array ``metapatch``, ``[k]`` float32), the only per-user
   part of a device model.
-- with ``--device_data``, ``device_data/<user token>.npz``: each user's rows of round 1 (one array per input field
-  and the target), what the user's device holds, to run :mod:`dccl_device` on simulated devices.
+- with ``--device_data``, ``device_data/<user token>.npz``: the rows each user's device trains on in round 1 (the
+  checkpoint's ``device_data`` key: the round's fresh rows, or all rows so far; one array per input field and the
+  target), to run :mod:`dccl_device` on simulated devices.
 - ``manifest.json``: the inputs and the byte counts of docs/deployment.md: ``metapatch`` (what a device uploads and
   downloads per round, raw), ``metapatch_file``, ``theta`` and ``backbone`` (raw parameters), ``device_model_file``
   (what every device downloads; for ONNX also ``device_training_files``, what a device that trains downloads
@@ -173,7 +174,7 @@ def export(checkpoint_path, out, format="torch", device_data=False):
     for user, token in zip(users.tolist(), tokens):
         save_metapatch(user_file(folder, token), model.metapatch[user])
     if device_data:
-        rows = RoundSchedule(config, train_data).device_rows(1)
+        rows = RoundSchedule(config, train_data).local_rows(1)
         fields = [*device_model.fields, model.objective.target_field]
         save_local_data(dataset, rows, fields, os.path.join(out, "device_data"))
 
