@@ -46,7 +46,7 @@ def measure(args, backbone):
     trainer.verbose = False
     rows = trainer._start_round(RoundSchedule(config, train_data), 1)
     loader = trainer.round_loader
-    trainer._device_phase(1, train_data.dataset, rows)  # fills the round's cache for the teachers
+    trainer._device_phase(1, rows)  # fills the round's cache for the teachers
     with torch.no_grad():  # devices as if they had all adopted a patch: every teacher row patched
         model.uploaded_metapatch.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
     teachers = DeviceTeachers(model, cache=trainer.round_cache)

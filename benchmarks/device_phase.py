@@ -193,9 +193,9 @@ def recbole_case(args, backbone, protocol):
     elif args.data_path:
         config_dict["data_path"] = args.data_path
     config, (train_data, _, _), model, trainer = build(config_dict, dataset=args.dataset)
-    rows = RoundSchedule(config, train_data).device_rows(1)
+    schedule = RoundSchedule(config, train_data)
     settings = DeviceSettings(config)
-    local = LocalData.from_rows(train_data.dataset, rows, settings.valid_size, config["device"])
+    local = LocalData.from_rows(schedule.training_rows(schedule.device_rows(1), 1), settings.valid_size, config["device"])
     return model, local, settings, trainer, train_data
 
 

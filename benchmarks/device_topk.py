@@ -62,8 +62,9 @@ COLUMNS = ("ndcg@10", "hit@10", "ndcg@10_consumed_masked", "hit@10_consumed_mask
 def main():
     args, config, (train_data, valid_data, _), model, trainer = round0.load(round0.parser_for(__doc__, "incremental"))
 
-    rows = trainer._start_round(RoundSchedule(config, train_data), 1)
-    trainer._device_phase(1, train_data.dataset, rows)
+    schedule = RoundSchedule(config, train_data)
+    trainer._device_phase(1, trainer._start_round(schedule, 1))
+    rows = schedule.device_rows(1)
     model.eval()
     consumed = items_by_user(train_data.dataset, np.arange(len(train_data.dataset)))
     fresh = items_by_user(train_data.dataset, rows) if args.protocol == "incremental" else {}

@@ -9,14 +9,21 @@ RecBole keeps each user's training rows in time order (``order: TO``), which is 
 Cold start: ``cold_start_ratio`` of the users, drawn from ``seed``, are held out of every round: no round-0,
 device-phase, MoMoDistill or step-2 row of theirs. They arrive after the rounds with the rows their device
 holds (:meth:`RoundSchedule.cold_rows`), which only their own device ever trains on.
+
+Round 0 trains on RecBole's own training loader and sampler; rounds >= 1 train on :class:`TrainingRows`, the
+round's rows with the fixed negatives of :mod:`recbole_dccl.negatives` when the config samples training negatives.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from recbole.data.dataloader import TrainDataLoader
 
+from recbole_dccl.negatives import NO_NEGATIVES, RoundNegatives, samples_negatives
+
 PROTOCOLS = ("incremental", "static")
-ROW_FIELD = "dccl_row"  # a round loader's rows carry their number in the round: where cached site outputs are kept
+ROW_FIELD = "dccl_row"  # a round's training rows carry their number in the round: where cached site outputs are kept
 
 
 def positions_from_newest(users):
@@ -39,10 +46,42 @@ def cold_start_users(users, ratio, seed):
     return np.sort(np.random.default_rng(seed).choice(users, count, replace=False))
 
 
+class TrainingRowsLoader(TrainDataLoader):
+    """RecBole's training loader over rows that already hold their negatives: it samples none of its own."""
+
+    def _set_neg_sample_args(self, config, dataset, dl_format, neg_sample_args):
+        super()._set_neg_sample_args(config, dataset, dl_format, NO_NEGATIVES)
+
+
+@dataclass
+class TrainingRows:
+    """Rows of the training set as a round trains on them: ``dataset`` holds them, with their negatives if any,
+    each numbered by ``ROW_FIELD``; ``positive``: for each of its rows, the index of its positive among the rows
+    asked for (a positive's own)."""
+
+    dataset: object
+    positive: np.ndarray
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def newest(self, count):
+        """Whether each row is, or is a negative of, one of its user's ``count`` newest positives."""
+        users = self.dataset.inter_feat[self.dataset.uid_field].numpy()
+        positive_users = np.zeros(self.positive.max() + 1 if len(self.positive) else 0, dtype=users.dtype)
+        positive_users[self.positive] = users
+        return (positions_from_newest(positive_users) < count)[self.positive]
+
+    def loader(self, config, shuffle=True):
+        return TrainingRowsLoader(config, self.dataset, None, shuffle=shuffle)
+
+
 class RoundSchedule:
     def __init__(self, config, train_data):
         self.config = config
         self.dataset = train_data.dataset
+        self.sampler = train_data._sampler  # RecBole's training sampler (None when it samples no negatives)
+        self.negatives = RoundNegatives(config, self.dataset) if samples_negatives(config) else None
         self.rounds = config["rounds"]
         users = self.dataset.inter_feat[self.dataset.uid_field].numpy()
         from_newest = positions_from_newest(users)
@@ -91,11 +130,21 @@ class RoundSchedule:
         return np.flatnonzero(self.visible_mask(round_idx))
 
     def loader(self, rows, shuffle=True):
-        """A RecBole training dataloader over ``rows`` of the training set, each numbered by its place in ``rows``
-        (``ROW_FIELD``)."""
+        """RecBole's training dataloader over ``rows`` of the training set, negatives sampled by RecBole's training
+        sampler as for the whole training set (round 0)."""
         inter_feat = self.dataset.inter_feat[torch.as_tensor(rows)]
-        inter_feat[ROW_FIELD] = torch.arange(len(rows))
-        return TrainDataLoader(self.config, self.dataset.copy(inter_feat), None, shuffle=shuffle)
+        return TrainDataLoader(self.config, self.dataset.copy(inter_feat), self.sampler, shuffle=shuffle)
+
+    def training_rows(self, rows, round_idx):
+        """``rows`` of the training set as round ``round_idx`` trains on them (:class:`TrainingRows`): with their
+        fixed negatives when the config samples training negatives."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.negatives is None:
+            inter_feat, positive = self.dataset.inter_feat[torch.as_tensor(rows)], np.arange(len(rows))
+        else:
+            inter_feat, positive = self.negatives.add(rows, self.visible_rows(round_idx), round_idx)
+        inter_feat[ROW_FIELD] = torch.arange(len(inter_feat))
+        return TrainingRows(self.dataset.copy(inter_feat), positive)
 
     def user_history(self, round_idx, n_users, length):
         """``[n_users, length]`` item ids of each user's most recent visible interactions, 0-padded on the left."""

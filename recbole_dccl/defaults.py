@@ -4,6 +4,8 @@ import os
 
 import yaml
 
+from recbole_dccl.negatives import NO_NEGATIVES
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # Installed, the YAML defaults live in the package; in a source checkout, in the top-level properties/.
 PROPERTIES_DIR = next(
@@ -17,3 +19,9 @@ def dccl_defaults():
     """The defaults of every DCCL key, as written in ``properties/model/DCCL.yaml``."""
     with open(os.path.join(PROPERTIES_DIR, "model", "DCCL.yaml")) as file:
         return yaml.safe_load(file)
+
+
+def identity_defaults():
+    """The value each setting had in runs from before it joined the identity of a cloud checkpoint or run state:
+    DCCL's defaults, and no training negatives (DCCL's rounds could not train with sampled ones before)."""
+    return {**dccl_defaults(), "train_neg_sample_args": NO_NEGATIVES}

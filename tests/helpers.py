@@ -40,7 +40,8 @@ def device_phase_metapatch(config_dict, out_dir=None):
     distributed rank saves it to ``out_dir/rank<r>.pt`` (a spawned process cannot hand a tensor back)."""
     config, (train_data, _, _), model, trainer = build(config_dict)
     trainer.verbose = False
-    trainer._device_phase(1, train_data.dataset, RoundSchedule(config, train_data).device_rows(1))
+    schedule = RoundSchedule(config, train_data)
+    trainer._device_phase(1, schedule.training_rows(schedule.device_rows(1), 1))
     if out_dir is None:
         return model.uploaded_metapatch.cpu()
     torch.save(model.uploaded_metapatch.cpu(), os.path.join(out_dir, f"rank{torch.distributed.get_rank()}.pt"))

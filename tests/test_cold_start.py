@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from recbole_dccl.data import RoundSchedule, cold_start_users
+from recbole_dccl.data import RoundSchedule, TrainingRows, cold_start_users
 from recbole_dccl.quick_start import run_recbole_dccl
 from tests.helpers import build
 
@@ -30,13 +30,18 @@ def test_cold_users_rows_reach_neither_the_cloud_nor_the_rounds(tiny_config, pro
 
 def test_cold_start_run_reports_the_cold_group(tiny_config, tmp_path, monkeypatch):
     seen = []
-    loader = RoundSchedule.loader
+    loader, round_loader = RoundSchedule.loader, TrainingRows.loader
 
     def recording_loader(self, rows, shuffle=True):
         seen.append(self.dataset.inter_feat["user_id"].numpy()[rows])
         return loader(self, rows, shuffle)
 
+    def recording_round_loader(self, config, shuffle=True):
+        seen.append(self.dataset.inter_feat["user_id"].numpy())
+        return round_loader(self, config, shuffle)
+
     monkeypatch.setattr(RoundSchedule, "loader", recording_loader)
+    monkeypatch.setattr(TrainingRows, "loader", recording_round_loader)
     cloud = str(tmp_path / "cloud.pth")
     settings = {**tiny_config, "cold_start_ratio": 0.2, "cloud_checkpoint": cloud}
     result = run_recbole_dccl(model="DCCL", dataset="tiny", config_dict=settings, verbose=False)

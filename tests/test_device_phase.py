@@ -12,9 +12,10 @@ from tests.helpers import build
 
 def local_setup(config_dict, protocol="incremental"):
     config, (train_data, _, _), model, _ = build({**config_dict, "protocol": protocol})
-    rows = RoundSchedule(config, train_data).device_rows(1)
+    schedule = RoundSchedule(config, train_data)
+    rows = schedule.training_rows(schedule.device_rows(1), 1)
     settings = DeviceSettings(config)
-    local = LocalData.from_rows(train_data.dataset, rows, settings.valid_size, config["device"])
+    local = LocalData.from_rows(rows, settings.valid_size, config["device"])
     return config, model, local, settings
 
 
@@ -143,12 +144,13 @@ def test_device_phase_leaves_shared_parameters_alone(tiny_config):
 def test_a_share_of_the_users_trains_as_it_does_among_all(tiny_config):
     """What each rank of a distributed run does: its share of the users gets the metapatches one process gives them."""
     config, (train_data, _, _), model, _ = build(tiny_config)
-    rows = RoundSchedule(config, train_data).device_rows(1)
+    schedule = RoundSchedule(config, train_data)
+    rows = schedule.training_rows(schedule.device_rows(1), 1)
     settings = DeviceSettings(config)
-    everyone = LocalData.from_rows(train_data.dataset, rows, settings.valid_size, config["device"])
+    everyone = LocalData.from_rows(rows, settings.valid_size, config["device"])
     start = torch.zeros(len(everyone.users), model.metapatch.shape[1])
     together = personalise(model, everyone, start, settings, seed=3)
-    shares = [LocalData.from_rows(train_data.dataset, rows, settings.valid_size, config["device"], share=(index, 3))
+    shares = [LocalData.from_rows(rows, settings.valid_size, config["device"], share=(index, 3))
               for index in range(3)]
     assert torch.equal(torch.sort(torch.cat([share.users for share in shares])).values, everyone.users)
     for share in shares:

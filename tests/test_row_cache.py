@@ -32,7 +32,7 @@ def test_round_loader_numbers_its_rows(tiny_config):
 
 def test_teachers_run_from_the_device_phase_outputs(tiny_config):
     config, train_data, model, trainer, rows = round_one(tiny_config)
-    trainer._device_phase(1, train_data.dataset, rows)
+    trainer._device_phase(1, rows)
     assert len(trainer.round_cache.outputs) == len(rows)  # the device phase kept the outputs of every round row
     cached, plain = DeviceTeachers(model, cache=trainer.round_cache), DeviceTeachers(model)
     gru_calls = counting_calls(model.backbone.gru_layers)

@@ -25,13 +25,15 @@ COLD_GROUP = "cold"
 STARTS = ("zero", "encoder")
 
 
-def cold_start_report(trainer, schedule, dataset, seed):
+def cold_start_report(trainer, schedule, seed):
     """``{'users': n, 'cloud_only': {...}, 'zero': {...}, ...}``: valid (and test) metrics of the cold group, and
     how many cold devices kept their fine-tuned patch."""
     start_time = time()
     model = trainer.model
     settings = DeviceSettings(trainer.config)
-    local = LocalData.from_rows(dataset, schedule.cold_rows(), settings.valid_size, trainer.device)
+    arrival = schedule.rounds + 1  # the cold users arrive after the rounds
+    rows = schedule.training_rows(schedule.cold_rows(), arrival)
+    local = LocalData.from_rows(rows, settings.valid_size, trainer.device)
     users = local.users
     with torch.no_grad():
         starts = {"encoder": model.encode_metapatch(users)}

@@ -10,7 +10,7 @@ from recbole.trainer import Trainer
 from recbole.utils import dict2str, set_color
 
 from recbole_dccl.data import RoundSchedule
-from recbole_dccl.defaults import dccl_defaults
+from recbole_dccl.defaults import dccl_defaults, identity_defaults
 from recbole_dccl.distributed import (
     DistributedTrainerMixin, gather_user_rows, is_main_process, sum_over_ranks, user_share,
 )
@@ -58,13 +58,13 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             self._start_round(schedule, round_idx)
             if self.has_devices:
                 local_rows = schedule.local_rows(round_idx)
-                device_phase = lambda: self._device_phase(round_idx, train_data.dataset, local_rows)
+                device_phase = lambda: self._device_phase(round_idx, schedule.training_rows(local_rows, round_idx))
                 self._phase(round_idx, "device", device_phase, changed=("device",))
             self._phase(round_idx, "momodistill", lambda: self._momodistill(round_idx))
             if self.has_devices:
                 self._phase(round_idx, "shared", lambda: self._learn_shared_parameters(round_idx), changed=("device",))
         if len(schedule.cold_users) and self.has_devices:
-            self.cold_start = cold_start_report(self, schedule, train_data.dataset, self.config["seed"] + self.config["rounds"] + 1)
+            self.cold_start = cold_start_report(self, schedule, self.config["seed"] + self.config["rounds"] + 1)
             self._log(cold_start_table(self.cold_start, self.valid_metric))
 
         best = self.best
@@ -79,12 +79,12 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
 
     def _start_round(self, schedule, round_idx):
         """Set up round ``round_idx``: the users' visible history for the encoder, and the loader and row cache of
-        the rows the devices hold (which the cloud then takes in); returns those rows."""
-        device_rows = schedule.device_rows(round_idx)
+        the rows the devices hold (which the cloud then takes in); returns those rows (:class:`TrainingRows`)."""
+        rows = schedule.training_rows(schedule.device_rows(round_idx), round_idx)
         self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
-        self.round_loader = schedule.loader(device_rows)
+        self.round_loader = rows.loader(self.config)
         self.round_cache = self._row_cache()
-        return device_rows
+        return rows
 
     def _collect_user_groups(self, schedule, train_data):
         """User groups by all training interactions, plus the cold-start users as a group of their own."""
@@ -132,7 +132,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
     CLOUD_KEYS = (
         "dataset", "backbone", "protocol", "fresh_interactions", "rounds", "cold_start_ratio", "seed", "MAX_ITEM_LIST_LENGTH",
         "learner", "learning_rate", "weight_decay", "epochs", "train_batch_size", "stopping_step", "valid_metric",
-        "embedding_size", "hidden_size", "mlp_hidden_size", "threshold",
+        "embedding_size", "hidden_size", "mlp_hidden_size", "threshold", "train_neg_sample_args",
     )
 
     def _pretrain_cloud(self, schedule, train_data, verbose, show_progress, callback_fn):
@@ -152,7 +152,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         checkpoint = load_safe(path, "cloud_checkpoint")
         identity = {key: plain(self.config[key]) for key in self.CLOUD_KEYS}
         # A key the file predates had its default value then.
-        stored = {key: checkpoint["identity"].get(key, dccl_defaults().get(key)) for key in identity}
+        stored = {key: checkpoint["identity"].get(key, identity_defaults().get(key)) for key in identity}
         check_identity("cloud_checkpoint", path, stored, identity)
         self.model.load_state_dict(checkpoint["state_dict"], strict=False)
         self._log(f"round 0: cloud model loaded from {path}")
@@ -178,10 +178,11 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             self.model.load_state_dict(best_state["state"])
         self.phase_seconds["round 0 cloud"] = time() - start
 
-    def _device_phase(self, round_idx, dataset, rows):
+    def _device_phase(self, round_idx, rows):
+        """Round ``round_idx``'s devices train on ``rows`` (:class:`TrainingRows`)."""
         start = time()
         settings = DeviceSettings(self.config)
-        local = LocalData.from_rows(dataset, rows, settings.valid_size, self.device, share=user_share(self.config))
+        local = LocalData.from_rows(rows, settings.valid_size, self.device, share=user_share(self.config))
         start_metapatch = self.model.metapatch[local.users]
         # The outputs it computes are kept for MoMoDistill's teachers when the devices hold just the round's rows
         # (the rows they hold always include those: only their number tells the two apart).

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from recbole.data.interaction import Interaction
 
-from recbole_dccl.data import positions_from_newest
 from recbole_dccl.errors import NonFiniteLoss
 from recbole_dccl.trainer.progress import progress
 from recbole_dccl.trainer.site_cache import SiteCache, replaying
@@ -49,18 +48,19 @@ class LocalData:
     cached: dict = field(default_factory=dict)
 
     @classmethod
-    def from_rows(cls, dataset, rows, valid_size, device, share=(0, 1)):
-        """The devices of ``rows`` (indices into ``dataset``); with ``share=(index, parts)`` only the users at
-        positions ``index, index + parts, ...`` of the round's users, the ones a rank of ``parts`` holds."""
-        rows = np.asarray(rows)
-        user_ids = dataset.inter_feat[dataset.uid_field].numpy()[rows]
-        is_valid = positions_from_newest(user_ids) < valid_size
+    def from_rows(cls, rows, valid_size, device, share=(0, 1)):
+        """The devices of ``rows`` (:class:`~recbole_dccl.data.TrainingRows`), each holding out its ``valid_size``
+        newest positives with their negatives; with ``share=(index, parts)`` only the users at positions
+        ``index, index + parts, ...`` of the round's users, the ones a rank of ``parts`` holds."""
+        dataset = rows.dataset
+        user_ids = dataset.inter_feat[dataset.uid_field].numpy()
+        is_valid = rows.newest(valid_size)
         index, parts = share
         mine = np.isin(user_ids, np.unique(user_ids)[index::parts])
-        interaction = dataset[torch.as_tensor(rows[mine])].to(device)
+        interaction = dataset[torch.as_tensor(np.flatnonzero(mine))].to(device)
         users, owner = torch.unique(interaction[dataset.uid_field], return_inverse=True)
         as_tensor = lambda array: torch.from_numpy(array).to(device)
-        return cls(interaction, users, owner, as_tensor(is_valid[mine]), as_tensor(np.flatnonzero(mine)), len(rows))
+        return cls(interaction, users, owner, as_tensor(is_valid[mine]), as_tensor(np.flatnonzero(mine)), len(user_ids))
 
     def shuffle_keys(self, epochs, seed):
         """``[epochs, rows]`` random keys of these rows, drawn for all the round's rows: a device's order does not
