@@ -3,13 +3,16 @@
 For ``model: DCCL`` the configuration is layered as RecBole layers its own models, with the backbone standing
 in for the model: RecBole's ``overall.yaml``, the backbone's YAML, the dataset YAML and the family quick-start
 YAML, then ours (``properties/quick_start_config/<family>.yaml``, ``properties/model/DCCL.yaml``), then the
-user's files, dict and command line; ``properties/overall.yaml`` applies to plain RecBole models too.
+user's files, dict and command line; ``properties/overall.yaml`` applies to plain RecBole models too. A CTR model
+on interactions without labels gets the family's implicit-data quick-start YAML instead (:func:`is_implicit`).
 ``MODEL_TYPE`` and ``MODEL_INPUT_TYPE`` are the backbone's, so RecBole's datasets and dataloaders work unchanged;
 ``model`` stays ``DCCL`` so the trainer and checkpoints are ours.
 """
 
 import os
 
+import recbole
+import yaml
 from recbole.config import Config
 from recbole.utils import ModelType
 
@@ -42,11 +45,23 @@ class DCCLConfig(Config):
         self._update_internal_config_dict(os.path.join(PROPERTIES_DIR, "overall.yaml"))
         family = family_of(self.backbone_class or model_class)
         if family is not None:
-            yaml_file = os.path.join(PROPERTIES_DIR, "quick_start_config", family.quick_start_yaml)
-            self._update_internal_config_dict(yaml_file)
+            self._update_internal_config_dict(self._quick_start_yaml(family, dataset))
         plugin_yaml = os.path.join(PROPERTIES_DIR, "model", f"{model_class.__name__}.yaml")
         if os.path.isfile(plugin_yaml):  # this plugin's models: DCCL, Frequency
             self._update_internal_config_dict(plugin_yaml)
+
+    def _quick_start_yaml(self, family, dataset):
+        """The family's quick-start YAML, or its implicit-data one on interactions without labels."""
+        folder = os.path.join(PROPERTIES_DIR, "quick_start_config")
+        labelled = os.path.join(folder, family.quick_start_yaml)
+        if family.implicit_quick_start_yaml is None:
+            return labelled
+        settings = {**self.internal_config_dict, **self.external_config_dict}
+        if "threshold" not in self.external_config_dict:
+            with open(labelled, encoding="utf-8") as file:
+                settings["threshold"] = (yaml.safe_load(file) or {}).get("threshold")
+        implicit = is_implicit(settings, dataset_folder(settings, dataset), dataset)
+        return os.path.join(folder, family.implicit_quick_start_yaml) if implicit else labelled
 
     def _set_default_parameters(self):
         # RecBole derives MODEL_INPUT_TYPE from the model class; for DCCL that is the backbone's.
@@ -80,9 +95,18 @@ _POSITIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v 
 _NON_NEGATIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
 _POSITIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")
 _NON_NEGATIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0")
+_NO_DISTRIBUTION = (None, "none", "None")
 SETTING_RULES = {
     # RecBole's own keys, as round 0 uses them
     "epochs": _POSITIVE_INT,
+    # ... and as DCCL's rounds draw their fixed negatives (recbole_dccl/negatives.py)
+    "train_neg_sample_args": (
+        lambda v: not isinstance(v, dict) or v.get("distribution") in _NO_DISTRIBUTION or (
+            v["distribution"] == "uniform" and not v.get("dynamic") and _POSITIVE_INT[0](v.get("sample_num"))
+        ),
+        "None or {distribution: uniform, sample_num: a positive integer, dynamic: False}: DCCL's rounds draw fixed "
+        "uniform negatives per device (docs/method.md)",
+    ),
     "learning_rate": _POSITIVE,
     "train_batch_size": _POSITIVE_INT,
     # DCCL's keys (properties/model/DCCL.yaml); a phase's epochs may be 0 to leave the phase out
@@ -134,15 +158,21 @@ def validate_dccl_settings(settings):
             raise InputError(f"result_file: [{settings['result_file']}] cannot be written: {folder} is not writable")
 
 
-def validate_data_fields(settings):
-    """Refuse data DCCL cannot use before RecBole loads it (RecBole would fail later with a bare ``KeyError``):
-    DCCL keeps one device model per user, and a sequential backbone orders each user's interactions by time.
-    Reads only the header of the ``.inter`` file; a dataset RecBole has yet to download is checked by RecBole."""
+def dataset_folder(settings, dataset):
+    """Where RecBole reads ``dataset`` from (its ``data_path`` once the config is final)."""
+    if dataset == "ml-100k":  # RecBole's bundled copy, whatever data_path says
+        return os.path.join(os.path.dirname(os.path.abspath(recbole.__file__)), "dataset_example", dataset)
+    return os.path.join(settings["data_path"], dataset)
+
+
+def inter_columns(settings, folder, dataset):
+    """``(path, columns)``: the ``.inter`` file of ``dataset`` in ``folder`` and the columns RecBole loads from it
+    (its header, less what ``load_col``/``unload_col`` leave out); columns are ``None`` when there is no such file
+    (yet: RecBole may download it). Reads only the header."""
     parts = settings.get("benchmark_filename")
-    name = f"{settings['dataset']}.{parts[0]}.inter" if parts else f"{settings['dataset']}.inter"
-    path = os.path.join(settings["data_path"], name)
+    path = os.path.join(folder, f"{dataset}.{parts[0]}.inter" if parts else f"{dataset}.inter")
     if not os.path.isfile(path):
-        return
+        return path, None
     with open(path, encoding=settings.get("encoding") or "utf-8") as file:
         columns = [column.split(":")[0] for column in file.readline().rstrip("\r\n").split(settings["field_separator"])]
     load_col, unload_col = settings.get("load_col"), settings.get("unload_col")
@@ -150,6 +180,31 @@ def validate_data_fields(settings):
         columns = [column for column in columns if column in load_col["inter"]]
     if isinstance(unload_col, dict) and isinstance(unload_col.get("inter"), list):
         columns = [column for column in columns if column not in unload_col["inter"]]
+    return path, columns
+
+
+def is_implicit(settings, folder, dataset):
+    """Whether the interactions ``settings`` load carry no label: neither a ``LABEL_FIELD`` column nor one that
+    ``threshold`` names. Decided by the loaded columns of the ``.inter`` file, or by ``load_col['inter']`` while
+    there is no file; with neither, the data count as labelled."""
+    _, columns = inter_columns(settings, folder, dataset)
+    load_col = settings.get("load_col")
+    if columns is None and isinstance(load_col, dict) and isinstance(load_col.get("inter"), list):
+        columns = load_col["inter"]
+    if columns is None:
+        return False
+    threshold = settings.get("threshold")
+    label_columns = {settings.get("LABEL_FIELD"), *(threshold if isinstance(threshold, dict) else {})}
+    return not label_columns & set(columns)
+
+
+def validate_data_fields(settings):
+    """Refuse data DCCL cannot use before RecBole loads it (RecBole would fail later with a bare ``KeyError``):
+    DCCL keeps one device model per user, and a sequential backbone orders each user's interactions by time.
+    Reads only the header of the ``.inter`` file; a dataset RecBole has yet to download is checked by RecBole."""
+    path, columns = inter_columns(settings, settings["data_path"], settings["dataset"])
+    if columns is None:
+        return
     needed = {"USER_ID_FIELD": "DCCL keeps one device model per user"}
     if settings["MODEL_TYPE"] == ModelType.SEQUENTIAL:
         needed["TIME_FIELD"] = "a sequential backbone orders each user's interactions by time"

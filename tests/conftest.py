@@ -74,3 +74,11 @@ def tiny_config(tiny_data, tmp_path):
 def ctr_config(tiny_config):
     """config_dict for a DCCL run over a CTR backbone: every field loaded (ratings give the labels)."""
     return {**tiny_config, "backbone": "DeepFM", "load_col": None, "mlp_hidden_size": [8, 8]}
+
+
+@pytest.fixture
+def implicit_config(tiny_config):
+    """config_dict for a DCCL run over a CTR backbone on implicit data: no rating loaded, so no labels (the
+    implicit-data quick start samples negatives); item features loaded, which negatives must take from their item."""
+    load_col = {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "release_year"]}
+    return {**tiny_config, "backbone": "DeepFM", "mlp_hidden_size": [8, 8], "load_col": load_col}

@@ -136,3 +136,65 @@ def test_command_line_exits_non_zero_with_the_message(tiny_data, tmp_path):
     assert finished.returncode == 2
     assert "run_recbole_dccl: error: rounds: [0] is not valid; it must be a positive integer." in finished.stderr
     assert "Traceback" not in finished.stderr
+
+
+IMPLICIT_DEFAULTS = {
+    "threshold": None,
+    "eval_args": {"split": {"LS": "valid_and_test"}, "group_by": "user", "order": "TO", "mode": {"valid": "uni100", "test": "uni100"}},
+    "metrics": ["Hit", "NDCG", "GAUC"],
+    "topk": [10],
+    "valid_metric": "NDCG@10",
+}
+
+
+def without_rating_column(folder):
+    """Rewrite ``tiny.inter`` in ``folder`` without its rating column: interactions and no label of any kind."""
+    path = os.path.join(folder, "tiny", "tiny.inter")
+    with open(path) as file:
+        lines = [line.rstrip("\n").split("\t") for line in file]
+    with open(path, "w") as file:
+        file.writelines("\t".join(fields[:2] + fields[3:]) + "\n" for fields in lines)
+
+
+@pytest.mark.parametrize("model,backbone", [("DCCL", "DeepFM"), ("DCCL", "DIN"), ("DeepFM", None), ("DIN", None)])
+@pytest.mark.parametrize("decided_by", ["load_col", "header"])
+def test_ctr_models_on_data_without_labels_get_the_implicit_quick_start(ctr_config, model, backbone, decided_by):
+    settings = {**ctr_config, "backbone": backbone or "DeepFM"}
+    if decided_by == "load_col":
+        settings["load_col"] = {"inter": ["user_id", "item_id", "timestamp"]}  # the file has ratings; not loaded
+    else:
+        without_rating_column(ctr_config["data_path"])  # load_col None: every column of the file
+    config = DCCLConfig(model=model, dataset="tiny", config_dict=settings)
+    assert {key: config[key] for key in IMPLICIT_DEFAULTS} == IMPLICIT_DEFAULTS
+    assert config["train_neg_sample_args"] == {
+        "distribution": "uniform", "sample_num": 1, "dynamic": False, "alpha": 1.0, "candidate_num": 0
+    }
+
+
+def test_a_label_column_or_one_the_threshold_names_keeps_the_labelled_quick_start(ctr_config):
+    no_rating = {**ctr_config, "load_col": {"inter": ["user_id", "item_id", "timestamp"]}}
+    config = DCCLConfig(model="DCCL", dataset="tiny", config_dict={**no_rating, "threshold": {"timestamp": 5000}})
+    assert config["eval_args"]["mode"]["test"] == "labeled" and config["threshold"] == {"timestamp": 5000}
+    config = DCCLConfig(model="DCCL", dataset="tiny", config_dict={**no_rating, "LABEL_FIELD": "timestamp"})
+    assert config["eval_args"]["mode"]["test"] == "labeled"
+    # ratings loaded but no threshold on them: no labels
+    config = DCCLConfig(model="DCCL", dataset="tiny", config_dict={**ctr_config, "threshold": None})
+    assert config["eval_args"]["mode"]["test"] == "uni100"
+
+
+def test_the_users_settings_win_over_the_implicit_quick_start(ctr_config):
+    settings = {**ctr_config, "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+                "train_neg_sample_args": {"sample_num": 4}, "metrics": ["Hit"], "valid_metric": "Hit@10"}
+    config = DCCLConfig(model="DCCL", dataset="tiny", config_dict=settings)
+    assert config["train_neg_sample_args"]["sample_num"] == 4 and config["train_neg_sample_args"]["distribution"] == "uniform"
+    assert config["metrics"] == ["Hit"] and config["valid_metric"] == "Hit@10"
+    assert config["eval_args"]["mode"]["test"] == "uni100"
+
+
+@pytest.mark.parametrize(
+    "args", [{"distribution": "popularity"}, {"dynamic": True}, {"sample_num": 0}], ids=["popularity", "dynamic", "zero"]
+)
+def test_negatives_dccl_cannot_draw_are_refused(ctr_config, args):
+    settings = {**ctr_config, "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "train_neg_sample_args": args}
+    with pytest.raises(InputError, match=r"train_neg_sample_args: \[.*\] is not valid; it must be None or \{distribution: uniform"):
+        DCCLConfig(model="DCCL", dataset="tiny", config_dict=settings)

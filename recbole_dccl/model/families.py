@@ -9,7 +9,8 @@
   attention MLP.
 
 Each family also names its quick-start YAML in ``properties/quick_start_config/``, applied to DCCL's backbone
-and to plain RecBole models of the family alike.
+and to plain RecBole models of the family alike, and the CTR family a second one for interactions without labels
+(implicit data: sampled negatives, sampled ranking evaluation).
 """
 
 from dataclasses import dataclass
@@ -52,11 +53,12 @@ class Family:
     objective: type
     default_sites: object  # backbone -> site names
     quick_start_yaml: str
+    implicit_quick_start_yaml: str = None  # on interactions without labels (only a labelled family needs one)
 
 
 FAMILIES = {
     "sequential": Family("sequential", NextItemObjective, backbone_output, "sequential.yaml"),
-    "context": Family("context", BinaryObjective, mlp_hidden_layers, "context.yaml"),
+    "context": Family("context", BinaryObjective, mlp_hidden_layers, "context.yaml", "context_implicit.yaml"),
 }
 
 
