@@ -17,7 +17,8 @@ From a DCCL checkpoint (saved/) this writes
   part of a device model.
 - with ``--device_data``, ``device_data/<user token>.npz``: the rows each user's device trains on in round 1 (the
   checkpoint's ``device_data`` key: the round's fresh rows, or all rows so far; one array per input field and the
-  target), to run :mod:`dccl_device` on simulated devices.
+  target; on implicit data each positive followed by its round-1 negatives), to run :mod:`dccl_device` on
+  simulated devices.
 - ``manifest.json``: the inputs and the byte counts of docs/deployment.md: ``metapatch`` (what a device uploads and
   downloads per round, raw), ``metapatch_file``, ``theta`` and ``backbone`` (raw parameters), ``device_model_file``
   (what every device downloads; for ONNX also ``device_training_files``, what a device that trains downloads
@@ -174,9 +175,10 @@ def export(checkpoint_path, out, format="torch", device_data=False):
     for user, token in zip(users.tolist(), tokens):
         save_metapatch(user_file(folder, token), model.metapatch[user])
     if device_data:
-        rows = RoundSchedule(config, train_data).local_rows(1)
+        schedule = RoundSchedule(config, train_data)
+        rows = schedule.training_rows(schedule.local_rows(1), 1)  # with their negatives on implicit data
         fields = [*device_model.fields, model.objective.target_field]
-        save_local_data(dataset, rows, fields, os.path.join(out, "device_data"))
+        save_local_data(rows.dataset, np.arange(len(rows)), fields, os.path.join(out, "device_data"))
 
     metapatch_bytes = tensor_bytes([model.metapatch[0]])
     metapatch_file_bytes = os.path.getsize(user_file(folder, tokens[0]))
@@ -220,7 +222,7 @@ def onnx_exporter():
 
 
 def save_local_data(dataset, rows, fields, folder):
-    """Each user's ``rows`` (indices into ``dataset``, in time order) as ``<folder>/<user token>.npz``, one array
+    """Each user's ``rows`` (indices into ``dataset``, in time order, a positive's negatives after it) as ``<folder>/<user token>.npz``, one array
     per field: what that user's device holds, for running the device side on a simulated device."""
     interaction = dataset[torch.as_tensor(rows)]
     user_ids = interaction[dataset.uid_field].numpy()
