@@ -5,7 +5,7 @@ from recbole.data.dataloader import FullSortEvalDataLoader
 from sklearn.metrics import roc_auc_score
 
 from recbole_dccl.evaluation import UserGroups
-from tests.helpers import build
+from tests.helpers import build, evaluate_test_data
 
 
 def test_group_metrics_equal_evaluating_each_group_alone(tiny_config):
@@ -146,3 +146,11 @@ def test_sampled_auc_and_logloss_of_a_ctr_model_on_implicit_data(ctr_config):
         mine = group_of_user[users] == index
         assert trainer.group_result[name]["sampled_auc"] == pytest.approx(roc_auc_score(labels[mine], scores[mine]),
                                                                           abs=1e-9)
+
+
+def test_sampled_auc_and_logloss_are_recboles_own_on_the_sampled_rows(ctr_config):
+    """RecBole evaluates AUC and LogLoss on the sampled rows itself, but not next to ranking metrics."""
+    settings = {**ctr_config, **SAMPLED_RANKING, **IMPLICIT_CTR}
+    ranking = evaluate_test_data(settings, "DeepFM")[0]
+    value = evaluate_test_data({**settings, "metrics": ["AUC", "LogLoss"], "valid_metric": "AUC"}, "DeepFM")[0]
+    assert (value["auc"], value["logloss"]) == (ranking["sampled_auc"], ranking["sampled_logloss"])
