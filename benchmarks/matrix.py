@@ -3,7 +3,7 @@
 
     python benchmarks/matrix.py --tuned=all64 docs/results/foursquare_nyc-GRU4Rec-incremental ...
 
-Prints three markdown tables: test NDCG@10 (mean over seeds) with the paired per-user gain over cloud-only and its
+Prints three markdown tables: test NDCG@10 (or ``--metric``, e.g. ``gauc`` for CTR backbones; mean over seeds) with the paired per-user gain over cloud-only and its
 95% interval; the same for the least-active fifth of users; the paired gain over the model-over-data cloud (deployed
 rows against its deployed model). ``--tuned``: the variant whose settings were chosen on validation.
 """
@@ -71,6 +71,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", help="quality.py --out folders holding summary.json")
     parser.add_argument("--tuned", default="tuned", help="the variant chosen on validation")
+    parser.add_argument("--metric", default="ndcg@10", help="a per-user test metric of the summaries, e.g. gauc")
     args = parser.parse_args()
     summaries = {}
     for folder in args.folders:
@@ -78,7 +79,7 @@ def main():
             summary = json.load(file)
         seeds = len(summary["seeds"])
         summaries[f"{os.path.basename(os.path.normpath(folder))} ({seeds} seed{'s' * (seeds > 1)})"] = summary
-    print(matrix(summaries, args.tuned))
+    print(matrix(summaries, args.tuned, args.metric))
 
 
 if __name__ == "__main__":

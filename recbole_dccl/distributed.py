@@ -203,22 +203,32 @@ def padded_samples(loader):
     return sampler.num_samples - own
 
 
-def gather_eval_rows(struct, row_keys, padded):
+def gather_eval_rows(struct, row_keys, padded, segments=None):
     """``struct`` (a RecBole ``DataStruct``) with its per-row tensors ``row_keys`` replaced by every rank's rows,
     without this rank's ``padded`` trailing repeats, in one process's order. An evaluation ``DistributedSampler``
     (no shuffling) deals sample ``i`` to rank ``i % world_size``, and evaluation collects one row per sample in every
-    mode (full sort, labeled, uniN/popN), which is what makes the trailing rows the padding."""
+    mode (full sort, labeled, uniN/popN), which is what makes the trailing rows the padding. ``segments``:
+    ``(count_key, keys)``, tensors ``keys`` that hold consecutive runs of entries, ``struct[count_key][r]`` of them
+    for row ``r`` (``count_key`` among ``row_keys``), gathered with their rows."""
     local = {key: struct[key][: len(struct[key]) - padded] for key in row_keys if key in struct}
+    count_key, segment_keys = segments or (None, ())
+    kept_entries = int(local[count_key].sum()) if count_key in local else 0
+    local_segments = {key: struct[key][:kept_entries] for key in segment_keys if key in struct}
     world_size = dist.get_world_size()
     everyone = [None] * world_size
-    dist.all_gather_object(everyone, local)
+    dist.all_gather_object(everyone, (local, local_segments))
     if not local:
         return struct
-    lengths = [len(next(iter(rows.values()))) for rows in everyone]
+    lengths = [len(next(iter(rows.values()))) for rows, _ in everyone]
     sample = torch.cat([torch.arange(length) * world_size + rank for rank, length in enumerate(lengths)])
     order = torch.argsort(sample)
     for key in local:
-        struct[key] = torch.cat([rows[key] for rows in everyone])[order]
+        struct[key] = torch.cat([rows[key] for rows, _ in everyone])[order]
+    if local_segments:
+        counts = torch.cat([rows[count_key] for rows, _ in everyone])
+        entry_order = torch.argsort(torch.repeat_interleave(sample, counts), stable=True)
+        for key in local_segments:
+            struct[key] = torch.cat([entries[key] for _, entries in everyone])[entry_order]
     return struct
 
 

@@ -6,7 +6,8 @@ equal-size groups from the least to the most active users; a list of thresholds 
 and overlap them. The collector also keeps the user of every evaluated row, and each
 group's metrics are RecBole's evaluator run on that group's rows alone, so they equal evaluating each group's
 users by themselves (tested). Works for full-sort ranking and labeled (CTR) evaluation, where rows are users or
-interactions; RecBole's sampled ranking modes (uniN, popN) score users per batch row and are not supported.
+interactions, and for sampled ranking (uniN, popN), where RecBole scores one row per user of a batch (that user's
+evaluated items and sampled negatives): the collector takes those rows' users from RecBole's ``row_idx``.
 
 In a distributed run each rank evaluates its share of the rows; the collector gathers all ranks' rows before
 RecBole's evaluator runs, so every metric (overall and per group) is the one-process metric, on every rank.
@@ -15,23 +16,38 @@ RecBole's own merge (``_map_reduce``, a mean of the ranks' metrics weighted by t
 Labeled evaluation also reports ``gauc``, overall and per group: RecBole's GAUC is a ranking metric that cannot
 run next to AUC and LogLoss, so :func:`labeled_gauc` ranks each user's own labeled rows as RecBole's collector
 ranks a full-sort row and hands them to RecBole's ``GAUC`` formula.
+
+Sampled ranking also reports the labeled reading of the same sampled rows, overall and per group
+(:func:`sampled_labeled_metrics`): ``sampled_auc`` and ``sampled_logloss``, RecBole's ``AUC`` and ``LogLoss``
+formulas over every scored row, label 1 for the evaluated items and 0 for their sampled negatives (what RecBole's
+own ``AUC``/``LogLoss`` give in that mode). LogLoss reads scores as probabilities, so ``sampled_logloss`` is reported
+only where every score lies in [0, 1] (CTR models predict sigmoid outputs; sequential and general models score with
+unbounded logits). A user's sampled negatives are drawn from the run's seed and the user's id
+(:func:`negatives_per_user`): every evaluation ranks a user's items against the same negatives, whichever model,
+view, group or number of processes evaluates them.
 """
 
 import inspect
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from recbole.evaluator import Collector
 from recbole.evaluator.base_metric import TopkMetric
 from recbole.evaluator.collector import DataStruct
-from recbole.evaluator.metrics import GAUC
+from recbole.evaluator.metrics import AUC, GAUC, LogLoss
+from recbole.utils import EvaluatorType
 
 from recbole_dccl.distributed import gather_eval_rows, is_distributed, padded_samples
 from recbole_dccl.errors import InputError
 
 USER_ROWS = "data.uid"
+# Sampled ranking: each scored (user, item) row's score and label, in the order of the evaluated rows, and per
+# evaluated row how many of them are its own.
+SAMPLED_SCORE, SAMPLED_LABEL, SAMPLED_COUNT = "data.sampled_score", "data.sampled_label", "data.sampled_count"
+SAMPLED_KEYS = (SAMPLED_SCORE, SAMPLED_LABEL)
 # What the collector gathers per evaluated row (RecBole's per-evaluation keys, and the rows' users).
-ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", USER_ROWS)
+ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", USER_ROWS, SAMPLED_COUNT)
 
 
 class UserGroups:
@@ -90,16 +106,20 @@ class UserGroups:
                 continue
             part = DataStruct()
             for key, value in struct._data_dict.items():
+                if key in SAMPLED_KEYS:
+                    part[key] = value[torch.repeat_interleave(mask, struct[SAMPLED_COUNT])]
+                    continue
                 rows_aligned = isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == len(users)
                 part[key] = value[mask] if rows_aligned else value
-            metrics = {**evaluator.evaluate(part), **labeled_gauc(part, evaluator.config)}
+            metrics = {**evaluator.evaluate(part), **extra_metrics(part, evaluator.config)}
             results[name] = {"users": int(torch.unique(users[mask]).numel()), **{k: float(v) for k, v in metrics.items()}}
         return results
 
 
 def per_user_metrics(evaluator, struct):
-    """``{'users': [...], 'ndcg@10': [...], ...}``: RecBole's own per-user values of every top-k metric, one per
-    evaluated user (full-sort ranking; their mean is the metric), for paired comparisons between models."""
+    """``{'users': [...], 'ndcg@10': [...], 'gauc': [...], ...}``: RecBole's own per-user values of every top-k
+    metric, one per evaluated user (full-sort or sampled ranking; their mean is the metric), and with ``GAUC`` each
+    user's AUC (:func:`per_user_auc`), for paired comparisons between models."""
     result = {}
     for name, metric in evaluator.metric_class.items():
         if isinstance(metric, TopkMetric):
@@ -108,7 +128,38 @@ def per_user_metrics(evaluator, struct):
             takes_pos_len = len(inspect.signature(metric.metric_info).parameters) > 1
             values = metric.metric_info(pos_index, pos_len) if takes_pos_len else metric.metric_info(pos_index)
             result.update({f"{name}@{k}": values[:, k - 1].tolist() for k in metric.topk})
+        elif isinstance(metric, GAUC):
+            result[name] = per_user_auc(struct["rec.meanrank"]).tolist()
     return {"users": struct[USER_ROWS].tolist(), **result} if result else {}
+
+
+def per_user_auc(meanrank):
+    """Each ranked row's AUC, from RecBole's ``rec.meanrank`` (the positives' rank sum, the number of scored items,
+    the number of positives) by the formula of RecBole's ``GAUC``, which is their mean weighted by the positives
+    (the plain mean where every user has one evaluated item). ``nan`` for a row without positives or negatives,
+    which GAUC leaves out."""
+    pos_rank_sum, user_len, pos_len = meanrank.double().unbind(dim=1)
+    neg_len = user_len - pos_len
+    pair_num = (user_len + 1) * pos_len - pos_len * (pos_len + 1) / 2 - pos_rank_sum
+    return torch.where((pos_len > 0) & (neg_len > 0), pair_num / (neg_len * pos_len), torch.nan)
+
+
+def extra_metrics(struct, config):
+    """What the plugin adds to RecBole's metrics: labeled evaluation's ``gauc``, sampled ranking's
+    ``sampled_auc`` and ``sampled_logloss``."""
+    return {**labeled_gauc(struct, config), **sampled_labeled_metrics(struct, config)}
+
+
+def sampled_labeled_metrics(struct, config):
+    """For sampled ranking (``{}`` otherwise): RecBole's ``AUC`` over every scored row, 1 for an evaluated item and 0
+    for a sampled negative, and RecBole's ``LogLoss`` where every score lies in [0, 1] (a probability)."""
+    if SAMPLED_SCORE not in struct:
+        return {}
+    scores, labels = struct[SAMPLED_SCORE].double().numpy(), struct[SAMPLED_LABEL].double().numpy()
+    metrics = {"sampled_auc": AUC(config).metric_info(scores, labels)}
+    if scores.min() >= 0 and scores.max() <= 1:
+        metrics["sampled_logloss"] = LogLoss(config).metric_info(scores, labels)
+    return {key: round(float(value), config["metric_decimal_place"]) for key, value in metrics.items()}
 
 
 def labeled_gauc(struct, config):
@@ -138,6 +189,33 @@ def labeled_gauc(struct, config):
     return {"gauc": round(float(value), config["metric_decimal_place"])}
 
 
+@contextmanager
+def negatives_per_user(eval_data, seed):
+    """While evaluating ``eval_data`` with sampled negatives, draw each user's negatives from numpy seeded by
+    ``(seed, user)`` and leave numpy's global state as it was (RecBole draws them from that state, anew on every
+    evaluation). RecBole's ``NegSampleEvalDataLoader`` asks its sampler once per user."""
+    sampler = getattr(eval_data, "_sampler", None)
+    sampling = getattr(eval_data, "neg_sample_args", {}).get("distribution", "none") != "none"
+    if sampler is None or not sampling:
+        yield
+        return
+    draw = sampler.sample_by_user_ids
+
+    def drawn_for_the_user(user_ids, item_ids, num):
+        state = np.random.get_state()
+        np.random.seed([seed, int(user_ids[0])])
+        try:
+            return draw(user_ids, item_ids, num)
+        finally:
+            np.random.set_state(state)
+
+    sampler.sample_by_user_ids = drawn_for_the_user
+    try:
+        yield
+    finally:
+        del sampler.sample_by_user_ids
+
+
 def group_table(group_result):
     """Per-group metrics as log lines: group, users, then every metric."""
     return "\n".join(
@@ -162,23 +240,29 @@ class UserGroupCollector(Collector):
         super().data_collect(train_data)
         self.groups = UserGroups(self.group_spec, train_data.dataset)
 
+    def sampled_batch_collect(self, interaction, row_idx, scores):
+        """Sampled ranking, before :meth:`eval_batch_collect` of the same batch: the user of each score row
+        (``row_idx``: the score row of each sampled row), and each sampled row's score and label."""
+        rows = int(row_idx[-1]) + 1
+        users = torch.zeros(rows, dtype=torch.long)
+        users[row_idx] = interaction[self.uid_field]
+        self.data_struct.update_tensor(USER_ROWS, users)
+        self.data_struct.update_tensor(SAMPLED_COUNT, torch.bincount(row_idx, minlength=rows))
+        self.data_struct.update_tensor(SAMPLED_SCORE, scores.detach().float())
+        self.data_struct.update_tensor(SAMPLED_LABEL, interaction[self.config["LABEL_FIELD"]].float())
+
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
         super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
-        users = interaction[self.uid_field]
-        rows = scores_tensor.shape[0]
-        if len(users) != rows:
-            raise NotImplementedError(
-                "user_groups: per-group metrics need one evaluated row per user or per interaction "
-                "(eval_args mode 'full' or 'labeled'), not sampled ranking (uniN/popN)."
-            )
-        self.data_struct.update_tensor(USER_ROWS, users)
+        if scores_tensor.shape[0] == len(interaction):  # a row per user (full sort) or per interaction (labeled)
+            self.data_struct.update_tensor(USER_ROWS, interaction[self.uid_field])
 
     def get_data_struct(self):
         struct = super().get_data_struct()
-        if USER_ROWS in self.data_struct:
-            del self.data_struct[USER_ROWS]
+        for key in (USER_ROWS, SAMPLED_COUNT, *SAMPLED_KEYS):
+            if key in self.data_struct:
+                del self.data_struct[key]
         if is_distributed(self.config):
-            struct = gather_eval_rows(struct, ROW_KEYS, self.padded_rows)
+            struct = gather_eval_rows(struct, ROW_KEYS, self.padded_rows, segments=(SAMPLED_COUNT, SAMPLED_KEYS))
         self.last_struct = struct
         return struct
 
@@ -195,14 +279,31 @@ class UserGroupEvaluationMixin:
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         self.eval_collector.padded_rows = padded_samples(eval_data)
-        result = super().evaluate(eval_data, load_best_model, model_file, show_progress)
+        with negatives_per_user(eval_data, self.config["seed"]):
+            result = super().evaluate(eval_data, load_best_model, model_file, show_progress)
         collector = self.eval_collector
         if collector.last_struct is not None:
-            result.update(labeled_gauc(collector.last_struct, self.config))
+            result.update(extra_metrics(collector.last_struct, self.config))
         if collector.groups is not None and collector.last_struct is not None:
             self.group_result = collector.groups.evaluate(self.evaluator, collector.last_struct)
             self.user_result = per_user_metrics(self.evaluator, collector.last_struct)
         return result
+
+    def _neg_sample_batch_eval(self, batched_data):
+        """RecBole's, for sampled ranking also handing the collector every sampled row's own score: RecBole's score
+        matrix (one row per user) keeps one score per item, the last, where rows of a user share an item."""
+        if self.config["eval_type"] != EvaluatorType.RANKING:
+            return super()._neg_sample_batch_eval(batched_data)
+        interaction, row_idx, positive_u, positive_i = batched_data
+        batch_size = interaction.length
+        if batch_size <= self.test_batch_size:
+            origin_scores = self.model.predict(interaction.to(self.device))
+        else:
+            origin_scores = self._spilt_predict(interaction, batch_size)
+        scores = torch.full((int(positive_u[-1]) + 1, self.tot_item_num), -np.inf, device=self.device)
+        scores[row_idx, interaction[self.config["ITEM_ID_FIELD"]]] = origin_scores
+        self.eval_collector.sampled_batch_collect(interaction, row_idx, origin_scores.cpu())
+        return interaction, scores, positive_u, positive_i
 
     def _map_reduce(self, result, num_sample):
         return result  # the collector gathered every rank's rows: ``result`` is already over all of them

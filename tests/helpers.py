@@ -45,3 +45,15 @@ def device_phase_metapatch(config_dict, out_dir=None):
     if out_dir is None:
         return model.uploaded_metapatch.cpu()
     torch.save(model.uploaded_metapatch.cpu(), os.path.join(out_dir, f"rank{torch.distributed.get_rank()}.pt"))
+
+
+def evaluate_test_data(config_dict, model):
+    """Build as :func:`build` does and evaluate the untrained ``model`` on the test data: its result, per-group
+    and per-user metrics and every collected tensor (every rank's, on rank 0 of a distributed run)."""
+    _, (train_data, _, test_data), _, trainer = build(config_dict, model=model)
+    trainer.eval_collector.data_collect(train_data)
+    result = trainer.evaluate(test_data, load_best_model=False)
+    struct = trainer.eval_collector.last_struct._data_dict
+    # numpy arrays: a spawned rank hands its result back through a queue, which shares tensors through files.
+    collected = {key: value.numpy() for key, value in struct.items() if isinstance(value, torch.Tensor)}
+    return dict(result), trainer.group_result, trainer.user_result, collected

@@ -8,6 +8,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -16,7 +17,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from recbole_dccl.distributed import launch, padded_samples
 from tests.conftest import TINY_SETTINGS, write_dataset
-from tests.helpers import device_phase_metapatch
+from tests.helpers import device_phase_metapatch, evaluate_test_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "run_recbole_dccl.py")
@@ -111,6 +112,22 @@ def test_device_phase_on_two_processes_gives_the_metapatches_of_one(tiny_config,
     assert bool(one.any())
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), one)  # every rank holds all users' metapatches
+
+
+def test_sampled_ranking_on_two_processes_gives_the_metrics_of_one(tmp_path):
+    """31 users: the second rank's share is padded with a repeat of the first user, which the merge drops."""
+    sampled_ranking = {"split": {"LS": "valid_and_test"}, "group_by": "user", "order": "TO", "mode": "uni20"}
+    settings = {**TINY_SETTINGS, "data_path": write_dataset(str(tmp_path / "data"), users=31), "gpu_id": "",
+                "checkpoint_dir": str(tmp_path / "saved"), "eval_args": sampled_ranking, "metrics": ["NDCG", "GAUC"],
+                "user_groups": 3}
+    one = evaluate_test_data(settings, "GRU4Rec")
+    kwargs = {"config_dict": settings, "model": "GRU4Rec"}
+    two = launch(evaluate_test_data, kwargs, nproc=2, ip="127.0.0.1", port=free_port())
+    assert set(one[0]) == {"ndcg@10", "gauc", "sampled_auc"}
+    assert two[:3] == one[:3]  # overall, per group, per user
+    assert one[3].keys() == two[3].keys()
+    for key, value in one[3].items():
+        np.testing.assert_array_equal(two[3][key], value, err_msg=key)
 
 
 def assert_run_agrees_with_one_process(command, folder, result_file, one):

@@ -96,3 +96,25 @@ def test_report_files(cells):
     assert "| dccl device |" in table and "G1 [1, 5]" in table and "+50.0% [+50.0, +50.0]" in table
     for name in ("summary.json", "summary.md", "groups.png", "rounds.png"):
         assert os.path.getsize(os.path.join(cells, name)) > 0
+
+
+def test_results_matrix_reads_the_summaries(cells):
+    quality.write_report(cells, ["dccl", "data", "frequency"], [2020, 2021])
+    with open(os.path.join(cells, "summary.json")) as file:
+        summary = json.load(file)
+    matrix = benchmark_module("matrix")
+    tables = matrix.matrix({"toy": summary}, tuned="tuned", metric="hit@10")
+    assert "**Test hit@10, mean over seeds" in tables
+    assert "| Frequency (user's own items) | " in tables and "(+100.0% [+100.0, +100.0])" in tables
+    assert "| DCCL defaults, device, selected | " in tables and "DCCL tuned" not in tables  # no such variant: no row
+    least_active = tables.split("**Least-active fifth")[1].split("**Paired gain")[0]
+    assert "(+50.0% [+50.0, +50.0])" in least_active  # dccl device on G1, the first group
+
+
+def test_reported_metrics_by_kind_of_evaluation():
+    full_sort = {"recall@10": 0.3, "ndcg@10": 0.2, "hit@10": 0.3}
+    sampled = {**full_sort, "gauc": 0.8, "sampled_auc": 0.8, "sampled_logloss": 0.1}
+    labeled = {"auc": 0.7, "logloss": 0.6, "gauc": 0.65}
+    assert quality.reported_metrics(full_sort) == ["ndcg@10", "hit@10"]
+    assert quality.reported_metrics(sampled) == ["ndcg@10", "hit@10", "gauc"]
+    assert quality.reported_metrics(labeled) == ["auc", "logloss", "gauc"]
