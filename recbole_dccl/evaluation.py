@@ -112,7 +112,7 @@ class UserGroups:
                 rows_aligned = isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == len(users)
                 part[key] = value[mask] if rows_aligned else value
             metrics = {**evaluator.evaluate(part), **extra_metrics(part, evaluator.config)}
-            results[name] = {"users": int(torch.unique(users[mask]).numel()), **{k: float(v) for k, v in metrics.items()}}
+            results[name] = {"users": int(torch.unique(users[mask]).numel()), **rounded(metrics, evaluator.config)}
         return results
 
 
@@ -144,6 +144,12 @@ def per_user_auc(meanrank):
     return torch.where((pos_len > 0) & (neg_len > 0), pair_num / (neg_len * pos_len), torch.nan)
 
 
+def rounded(metrics, config):
+    """Every metric a Python float rounded to ``metric_decimal_place``: RecBole's GAUC comes back as a float32 that
+    reads 0.7361000180244446 once it is a Python float."""
+    return {key: round(float(value), config["metric_decimal_place"]) for key, value in metrics.items()}
+
+
 def extra_metrics(struct, config):
     """What the plugin adds to RecBole's metrics: labeled evaluation's ``gauc``, sampled ranking's
     ``sampled_auc`` and ``sampled_logloss``."""
@@ -159,7 +165,7 @@ def sampled_labeled_metrics(struct, config):
     metrics = {"sampled_auc": AUC(config).metric_info(scores, labels)}
     if scores.min() >= 0 and scores.max() <= 1:
         metrics["sampled_logloss"] = LogLoss(config).metric_info(scores, labels)
-    return {key: round(float(value), config["metric_decimal_place"]) for key, value in metrics.items()}
+    return rounded(metrics, config)
 
 
 def labeled_gauc(struct, config):
@@ -284,6 +290,7 @@ class UserGroupEvaluationMixin:
         collector = self.eval_collector
         if collector.last_struct is not None:
             result.update(extra_metrics(collector.last_struct, self.config))
+        result = rounded(result, self.config)
         if collector.groups is not None and collector.last_struct is not None:
             self.group_result = collector.groups.evaluate(self.evaluator, collector.last_struct)
             self.user_result = per_user_metrics(self.evaluator, collector.last_struct)
