@@ -51,6 +51,14 @@ def test_frequency_runs_through_the_entry_point_with_per_user_results(tiny_confi
     assert sum(len(members) for members in result["user_groups"].values()) == 30
 
 
+def test_frequency_under_sampled_ranking_scores_the_sampled_items(tiny_config):
+    sampled = {"eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni20"},
+               "metrics": ["Hit", "NDCG", "GAUC"]}
+    result = run_recbole_dccl(model="Frequency", dataset="tiny", config_dict={**tiny_config, **sampled}, verbose=False)
+    assert set(result["test_users"]) == {"users", "hit@10", "ndcg@10", "gauc"}
+    assert abs(np.mean(result["test_users"]["gauc"]) - result["test_result"]["gauc"]) < 1e-4
+
+
 def test_an_unknown_scope_is_refused_by_name(tiny_config):
     with pytest.raises(InputError, match=r"frequency_scope: \[users\] is not valid; it must be one of \['user', 'global'\]"):
         build({**tiny_config, "frequency_scope": "users"}, model="Frequency")

@@ -36,7 +36,7 @@ class Frequency(SequentialRecommender):
         users, items = training_interactions(dataset, self.ITEM_SEQ, self.ITEM_SEQ_LEN)
         global_count = np.bincount(items, minlength=self.n_items).astype(np.float64)
         # Unconsumed items rank by global count, below every consumed one: a score in [0, 1).
-        self.register_buffer("popularity", torch.from_numpy(global_count / (global_count.max() + 1)))
+        self.register_buffer("popularity", torch.from_numpy(global_count / (global_count.max() + 1)).float())
         self.user_scores = user_scores(users, items, dataset.user_num, self.n_items)
         self.fake_loss = torch.nn.Parameter(torch.zeros(1))  # RecBole's trainer needs a parameter to optimise
 
@@ -48,7 +48,7 @@ class Frequency(SequentialRecommender):
         popularity = self.popularity.expand(len(users), -1)
         if self.scope == "global":
             return popularity.clone()
-        own = torch.from_numpy(self.user_scores[users].toarray()).to(self.popularity.device)
+        own = torch.from_numpy(self.user_scores[users].toarray()).to(self.popularity)
         return torch.where(own > 0, own, popularity)
 
     def predict(self, interaction):
