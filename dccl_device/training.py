@@ -3,7 +3,8 @@
 The artifacts (``device_training/``) hold the device phase's loss as a graph whose only trainable parameter is the
 metapatch (W_f and Theta frozen in the checkpoint), its gradient graph, an Adam graph and ``settings.json``. What
 this module adds is the device phase's procedure, as recbole_dccl's batched phase runs it for every device
-(``recbole_dccl/trainer/device_phase.py``): the user's newest ``valid_size`` rows held out, ``epochs`` passes over
+(``recbole_dccl/trainer/device_phase.py``): the user's newest ``valid_size`` interactions held out (on implicit
+data each is ``rows_per_interaction`` rows: a positive followed by its fixed negatives), ``epochs`` passes over
 the others in minibatches of ``batch_size`` in a random order, Adam at ``learning_rate``, and the guard: the cloud
 model (a zero metapatch) is kept unless a trained metapatch has a lower loss on the held-out rows (with
 ``select: best`` the best of the start and every epoch's, with ``last`` the final one).
@@ -90,7 +91,7 @@ def train_metapatch(folder, start, data, shuffle_keys=None, seed=0):
     training = OnDeviceTraining(folder)
     start = np.asarray(start, dtype=np.float32).reshape(1, -1)
     rows = len(data[settings["target"]])
-    held_out = min(settings["valid_size"], rows)
+    held_out = min(settings["valid_size"] * settings.get("rows_per_interaction", 1), rows)
     train_rows, valid_rows = np.arange(rows - held_out), np.arange(rows - held_out, rows)
     if shuffle_keys is None:
         shuffle_keys = np.random.default_rng(seed).random((settings["epochs"], rows), dtype=np.float32)

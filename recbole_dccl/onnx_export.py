@@ -148,6 +148,7 @@ def export_training_artifacts(device_model, objective, settings, example, folder
         "learning_rate": settings.learning_rate,
         "batch_size": settings.batch_size,
         "valid_size": settings.valid_size,
+        "rows_per_interaction": settings.rows_per_interaction,
         "select": settings.select,
         "l2": settings.l2,
         "optimizer": {"name": "Adam", "betas": list(ADAM_BETAS), "eps": ADAM_EPS},

@@ -46,11 +46,13 @@ def exported(config_dict, out):
     return config, train_data, test_data, model, manifest
 
 
-@pytest.mark.parametrize("backbone", ["GRU4Rec", "SASRec", "DeepFM", "DIN"])
+@pytest.mark.parametrize("backbone", ["GRU4Rec", "SASRec", "DeepFM", "DIN", "DeepFM-implicit"])
 def test_onnx_device_scores_and_trains_as_the_pytorch_device_phase(tiny_config, backbone, tmp_path):
-    settings = {"backbone": backbone, "device_l2": 0.01}
+    settings = {"backbone": backbone.split("-")[0], "device_l2": 0.01}
     if backbone in ("DeepFM", "DIN"):
         settings.update(load_col=None, mlp_hidden_size=[8, 8])  # CTR: every field loaded, ratings give the labels
+    if backbone == "DeepFM-implicit":  # no rating loaded: sampled negatives, each device holding out 2 rows per interaction
+        settings.update(mlp_hidden_size=[8, 8])
     out = str(tmp_path / "export")
     config, train_data, test_data, model, manifest = exported({**tiny_config, **settings}, out)
     dataset = train_data.dataset
