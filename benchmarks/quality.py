@@ -87,9 +87,20 @@ def dccl_variants(cells, variants, seeds):
     return [variant for variant in variants if "cloud_only" in cells[variant, seeds[0]]]
 
 
-def plain_reading(cell):
-    """A plain model's result file read as one view: valid at its best epoch, test, per group and per user."""
-    return {"valid": cell["best_valid_result"], "test": cell["test_result"], "test_groups": cell["test_groups"],
+def plain_reading(cell, groups=None):
+    """A plain model's result file read as one view: valid at its best epoch, test, per group and per user.
+    ``groups``: the DCCL cells' ``{group name: users}``; the cell's groups are renamed to the ones with the same
+    users. A sequential baseline beside a CTR backbone counts one training row fewer per user (the first
+    interaction is only history), so the same users' group reads ``[15, 60]`` there and ``[16, 61]`` here."""
+    test_groups = cell["test_groups"]
+    if groups is not None:
+        by_users = {tuple(users): name for name, users in cell["user_groups"].items()}
+        missing = [name for name, users in groups.items() if tuple(users) not in by_users]
+        if missing:
+            raise ValueError(f"groups {missing} of the DCCL cells have no group with the same users in a plain cell")
+        test_groups = {name: cell["test_groups"][by_users[tuple(users)]] for name, users in groups.items()
+                       if by_users[tuple(users)] in cell["test_groups"]}
+    return {"valid": cell["best_valid_result"], "test": cell["test_result"], "test_groups": test_groups,
             "test_users": cell["test_users"]}
 
 
@@ -102,7 +113,8 @@ def model_rows(cells, variants, seeds):
     for variant in variants:
         first = cells[variant, seeds[0]]
         if variant not in dccl:
-            rows[variant] = [plain_reading(cells[variant, seed]) for seed in seeds]
+            reference = (lambda seed: cells[dccl[0], seed]["user_groups"]) if dccl else (lambda seed: None)
+            rows[variant] = [plain_reading(cells[variant, seed], reference(seed)) for seed in seeds]
             continue
         views = ("cloud", "device") if first["config"].get("device_method", "metapatch") != "none" else ("cloud",)
         for view in views:

@@ -118,3 +118,19 @@ def test_reported_metrics_by_kind_of_evaluation():
     assert quality.reported_metrics(full_sort) == ["ndcg@10", "hit@10"]
     assert quality.reported_metrics(sampled) == ["ndcg@10", "hit@10", "gauc"]
     assert quality.reported_metrics(labeled) == ["auc", "logloss", "gauc"]
+
+
+def test_a_baseline_counting_rows_differently_is_matched_by_its_groups_users(cells):
+    """A sequential baseline beside a CTR backbone names the same users' groups by other row counts."""
+    for seed in (2020, 2021):
+        path = os.path.join(cells, "cells", f"frequency-seed{seed}.json")
+        with open(path) as file:
+            plain = json.load(file)
+        renamed = {"G1 [1, 5]": "G1 [0, 4]", "G2 [6, 9]": "G2 [5, 8]"}
+        plain["user_groups"] = {renamed[name]: users for name, users in plain["user_groups"].items()}
+        plain["test_groups"] = {renamed[name]: values for name, values in plain["test_groups"].items()}
+        with open(path, "w") as file:
+            json.dump(plain, file)
+    variants = ["dccl", "data", "frequency"]
+    summary = quality.summarise(quality.load_cells(cells, variants, [2020, 2021]), variants, [2020, 2021])
+    assert summary["rows"]["frequency"]["groups"]["G1 [1, 5]"]["paired_gain"]["ndcg@10"]["gain"] == pytest.approx(1.0)
