@@ -222,8 +222,9 @@ def onnx_exporter():
 
 
 def save_local_data(dataset, rows, fields, folder):
-    """Each user's ``rows`` (indices into ``dataset``, in time order, a positive's negatives after it) as ``<folder>/<user token>.npz``, one array
-    per field: what that user's device holds, for running the device side on a simulated device."""
+    """Each user's ``rows`` (indices into ``dataset``, in time order, a positive's negatives after it) as
+    ``<folder>/<user token>.npz``, one array per field: what that user's device holds, for running the device side
+    on a simulated device."""
     interaction = dataset[torch.as_tensor(rows)]
     user_ids = interaction[dataset.uid_field].numpy()
     users = np.unique(user_ids)
