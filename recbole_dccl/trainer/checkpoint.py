@@ -18,6 +18,7 @@ import uuid
 import torch
 from recbole.utils import get_local_time, set_color
 
+from recbole_dccl.defaults import identity_defaults
 from recbole_dccl.distributed import is_main_process
 from recbole_dccl.errors import InputError
 
@@ -67,7 +68,8 @@ def load_safe(path, key):
 
 def check_identity(key, path, written, current):
     """Refuse checkpoint ``path`` (read from config ``key``) when the settings it was ``written`` with differ from
-    the ``current`` run's."""
+    the ``current`` run's. A setting the file predates had its value of then (:func:`identity_defaults`)."""
+    written = {**identity_defaults(), **written}
     differs = {name: (written.get(name), value) for name, value in current.items() if written.get(name) != value}
     if differs:
         raise InputError(f"{key}: [{path}] was written with other settings (file value, this run): {differs}")

@@ -10,7 +10,7 @@ from recbole.trainer import Trainer
 from recbole.utils import dict2str, set_color
 
 from recbole_dccl.data import RoundSchedule
-from recbole_dccl.defaults import dccl_defaults, identity_defaults
+from recbole_dccl.defaults import dccl_defaults
 from recbole_dccl.distributed import (
     DistributedTrainerMixin, gather_user_rows, is_main_process, sum_over_ranks, user_share,
 )
@@ -151,9 +151,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
     def _load_cloud(self, path):
         checkpoint = load_safe(path, "cloud_checkpoint")
         identity = {key: plain(self.config[key]) for key in self.CLOUD_KEYS}
-        # A key the file predates had its default value then.
-        stored = {key: checkpoint["identity"].get(key, identity_defaults().get(key)) for key in identity}
-        check_identity("cloud_checkpoint", path, stored, identity)
+        check_identity("cloud_checkpoint", path, checkpoint["identity"], identity)
         self.model.load_state_dict(checkpoint["state_dict"], strict=False)
         self._log(f"round 0: cloud model loaded from {path}")
 

@@ -25,7 +25,6 @@ import random
 import numpy as np
 import torch
 
-from recbole_dccl.defaults import identity_defaults
 from recbole_dccl.distributed import is_main_process
 from recbole_dccl.errors import InputError
 from recbole_dccl.trainer.checkpoint import check_identity, load_safe, save_atomic
@@ -95,8 +94,7 @@ class ResumedRun:
     def __init__(self, path, settings):
         self.path = self._find(path)
         self.state = load_safe(self.path, "resume")
-        written = {**identity_defaults(), **self.state["identity"]}  # a setting the file predates had its old value
-        check_identity("resume", self.path, written, run_identity(settings))
+        check_identity("resume", self.path, self.state["identity"], run_identity(settings))
         self.done_until = (self.state["round"], PHASES.index(self.state["phase"]))
         threads = self.state["threads"]
         if threads != torch.get_num_threads():
