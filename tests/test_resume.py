@@ -56,10 +56,15 @@ def test_killed_run_resumes_to_the_uninterrupted_results(tiny_config, tmp_path):
     run = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while run.poll() is None:
-            state = run_state(saved)
-            if state is not None and state["round"] >= 1 and state["phase"] in MID_ROUND:
-                run.send_signal(signal.SIGKILL)
-                break
+            if glob.glob(os.path.join(saved, "*-run.pth")):
+                # Hold the run still while its state is read: reading it can take longer than the tiny run's
+                # remaining phases, which then finished before the kill (seen when other tests ran first).
+                run.send_signal(signal.SIGSTOP)
+                state = run_state(saved)
+                if state["round"] >= 1 and state["phase"] in MID_ROUND:
+                    run.send_signal(signal.SIGKILL)
+                    break
+                run.send_signal(signal.SIGCONT)
             time.sleep(0.02)
     finally:
         run.wait()
