@@ -3,6 +3,7 @@
 import importlib.util
 import logging
 import os
+import sys
 
 import torch
 from recbole.data import create_dataset, data_preparation
@@ -14,9 +15,12 @@ from recbole_dccl.utils import get_model, get_trainer
 
 
 def benchmark_module(name):
-    """``benchmarks/<name>.py`` imported as a module (the folder is not a package)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "benchmarks", f"{name}.py"))
+    """``benchmarks/<name>.py`` imported as a module (the folder is not a package; its scripts import each other
+    as they do when run from it)."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
