@@ -16,10 +16,11 @@ The extra ``--key=value`` arguments must match the checkpoint's round-0 settings
 
 ``--probe=repeat`` asks the same of a different per-user change: one number per user, the weight of
 ``log(1 + n)`` added to an item's score, where ``n`` is how often the item occurs in the row's own input sequence
-(a per-user propensity to return to what one just visited, which no metapatch on the sequence representation can
-express item by item). It is fitted twice on the same rows: one weight shared by all users (what a cloud model
+(``--repeat_counts=window``) or among the user's training interactions before the row (``history``): a per-user
+propensity to return to one's own items, which no metapatch on the sequence representation can express item by
+item. It is fitted twice on the same rows: one weight shared by all users (what a cloud model
 could learn), then a per-user weight on top of it; each scored on valid and test, overall and on the least-active
-fifth of users (by training interactions). The softmax over the catalogue changes only at the sequence's items, so
+fifth of users (by training interactions). The softmax over the catalogue changes only at the row's own items, so
 every step is exact and costs a few numbers per row.
 """
 
@@ -130,8 +131,8 @@ class RepeatRows:
                 counts[:, 0] = 0
                 own_target = target[part][:, None]
                 parts.append({
-                    "window_score": scores.gather(1, own_items[part]),
-                    "window_logn": torch.log1p(counts.gather(1, own_items[part])),
+                    "own_score": scores.gather(1, own_items[part]),
+                    "own_logn": torch.log1p(counts.gather(1, own_items[part])),
                     "rest_lse": scores.masked_fill(counts > 0, -math.inf).logsumexp(dim=1),
                     "target_score": scores.gather(1, own_target).squeeze(1),
                     "target_logn": torch.log1p(counts.gather(1, own_target).squeeze(1)),
@@ -142,22 +143,22 @@ class RepeatRows:
         self.user = interaction[user_field]
 
     def loss(self, weight):
-        """Mean cross-entropy over the catalogue with ``weight[row] * log(1 + n)`` added to each sequence item."""
-        window = self.window_score + weight[:, None] * self.window_logn
-        lse = torch.cat([self.rest_lse[:, None], window], dim=1).logsumexp(dim=1)
+        """Mean cross-entropy over the catalogue with ``weight[row] * log(1 + n)`` added to each own item."""
+        own = self.own_score + weight[:, None] * self.own_logn
+        lse = torch.cat([self.rest_lse[:, None], own], dim=1).logsumexp(dim=1)
         return (lse - self.target_score - weight * self.target_logn).mean()
 
     def ndcg(self, weight, users=None):
         """NDCG@10 as RecBole computes it (ties not counted against), over ``users`` (a bool mask) or all rows."""
         target = self.target_score + weight * self.target_logn
-        window = self.window_score + weight[:, None] * self.window_logn
-        rank = (self.rest > target[:, None]).sum(dim=1) + (window > target[:, None]).sum(dim=1)
+        own = self.own_score + weight[:, None] * self.own_logn
+        rank = (self.rest > target[:, None]).sum(dim=1) + (own > target[:, None]).sum(dim=1)
         gain = torch.where(rank < TOP, 1 / torch.log2(rank.float() + 2), torch.zeros(()))
         return (gain if users is None else gain[users[self.user]]).mean().item()
 
 
 def repeat_probe(args, config, data, backbone, rows, budgets):
-    """``--probe=repeat``: a shared weight of the sequence's own-item counts, then a per-user one on top of it."""
+    """``--probe=repeat``: a shared weight of the rows' own-item counts, then a per-user one on top of it."""
     train_data, valid_data, test_data = data
     user_field, item_field = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
     dataset = train_data.dataset
