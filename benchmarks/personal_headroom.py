@@ -119,25 +119,26 @@ class RepeatRows:
 
     def __init__(self, backbone, interaction, own, user_field, target_field, keep_rest=False):
         items = backbone.item_embedding.weight.detach()
+        z = representations(backbone, interaction)
         own_items, own_counts = own
         target = interaction[target_field]
         parts = []
-        with torch.no_grad():
-            for start in range(0, len(target), CHUNK):
-                part = slice(start, start + CHUNK)
-                scores = backbone.forward(interaction[backbone.ITEM_SEQ][part], interaction[backbone.ITEM_SEQ_LEN][part]) @ items.T
-                scores[:, 0] = -math.inf  # the padding item
-                counts = torch.zeros_like(scores).scatter_(1, own_items[part], own_counts[part])
-                counts[:, 0] = 0
-                own_target = target[part][:, None]
-                parts.append({
-                    "own_score": scores.gather(1, own_items[part]),
-                    "own_logn": torch.log1p(counts.gather(1, own_items[part])),
-                    "rest_lse": scores.masked_fill(counts > 0, -math.inf).logsumexp(dim=1),
-                    "target_score": scores.gather(1, own_target).squeeze(1),
-                    "target_logn": torch.log1p(counts.gather(1, own_target).squeeze(1)),
-                    **({"rest": scores.masked_fill(counts > 0, -math.inf)} if keep_rest else {}),
-                })
+        for start in range(0, len(target), CHUNK):
+            part = slice(start, start + CHUNK)
+            scores = z[part] @ items.T
+            scores[:, 0] = -math.inf  # the padding item
+            counts = torch.zeros_like(scores).scatter_(1, own_items[part], own_counts[part])
+            counts[:, 0] = 0
+            rest = scores.masked_fill(counts > 0, -math.inf)
+            own_target = target[part][:, None]
+            parts.append({
+                "own_score": scores.gather(1, own_items[part]),
+                "own_logn": torch.log1p(counts.gather(1, own_items[part])),
+                "rest_lse": rest.logsumexp(dim=1),
+                "target_score": scores.gather(1, own_target).squeeze(1),
+                "target_logn": torch.log1p(counts.gather(1, own_target).squeeze(1)),
+                **({"rest": rest} if keep_rest else {}),
+            })
         for key in parts[0]:
             setattr(self, key, torch.cat([part[key] for part in parts]))
         self.user = interaction[user_field]
@@ -155,6 +156,51 @@ class RepeatRows:
         rank = (self.rest > target[:, None]).sum(dim=1) + (own > target[:, None]).sum(dim=1)
         gain = torch.where(rank < TOP, 1 / torch.log2(rank.float() + 2), torch.zeros(()))
         return (gain if users is None else gain[users[self.user]]).mean().item()
+
+
+def vector_probe(args, config, data, backbone, rows, budgets):
+    """The free per-user vector added to the sequence representation (the default probe)."""
+    train_data, valid_data, test_data = data
+    items = backbone.item_embedding.weight.detach()
+    user_field, item_field = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
+
+    dataset = train_data.dataset
+    consumed = torch.zeros(dataset.user_num, dataset.item_num, dtype=torch.bool)
+    consumed[dataset.inter_feat[user_field], dataset.inter_feat[item_field]] = True
+    local = dataset.inter_feat[rows]
+    local_z, local_user, local_target = representations(backbone, local), local[user_field], local[item_field]
+    splits = {"valid": Split(backbone, valid_data, user_field, item_field),
+              "test": Split(backbone, test_data, user_field, item_field)}
+
+    shift = torch.zeros(dataset.user_num, items.shape[1], requires_grad=True)
+    optimizer = torch.optim.Adam([shift], lr=args.shift_learning_rate)
+    local_users = local_user.unique()
+
+    def score(step):
+        with torch.no_grad():
+            record = {"step": step, "shift_norm": shift[local_users].norm(dim=1).mean().item()}
+            for name, split in splits.items():
+                plain, masked = split.ndcg(items, shift, consumed)
+                record.update({f"{name}_ndcg@10": plain, f"{name}_ndcg@10_consumed_masked": masked})
+        print(json.dumps(record), flush=True)
+        return record
+
+    history = [score(0)]
+    for step in range(1, budgets[-1] + 1):
+        optimizer.zero_grad()
+        for start in range(0, len(local_target), CHUNK):
+            part = slice(start, start + CHUNK)
+            logits = (local_z[part] + shift[local_user[part]]) @ items.T
+            (F.cross_entropy(logits, local_target[part], reduction="sum") / len(local_users)).backward()
+        optimizer.step()
+        if step in budgets:
+            history.append(score(step))
+    return {
+        "users": len(local_users),
+        "representation_norm": local_z.norm(dim=1).mean().item(),
+        "consumed_share": {name: split.consumed_share(consumed) for name, split in splits.items()},
+        "history": history,
+    }
 
 
 def repeat_probe(args, config, data, backbone, rows, budgets):
@@ -209,9 +255,12 @@ def repeat_probe(args, config, data, backbone, rows, budgets):
             "history": history}
 
 
+PROBES = {"vector": vector_probe, "repeat": repeat_probe}
+
+
 def main():
     parser = round0.parser_for(__doc__, "static")
-    parser.add_argument("--probe", default="vector", choices=("vector", "repeat"))
+    parser.add_argument("--probe", default="vector", choices=tuple(PROBES))
     parser.add_argument("--steps", default="5,10,20,50,100,200", help="comma-separated step budgets to score at")
     parser.add_argument("--shift_learning_rate", type=float, default=0.01)
     parser.add_argument("--repeat_learning_rate", type=float, default=0.05)
@@ -225,55 +274,9 @@ def main():
     if not hasattr(backbone, "item_embedding"):
         parser.error(f"--backbone: [{args.backbone}] does not score items against an item_embedding table")
     rows = torch.as_tensor(RoundSchedule(config, train_data).local_rows(1), dtype=torch.long)
-    if args.probe == "repeat":
-        report = {"dataset": args.dataset, "backbone": args.backbone, "protocol": args.protocol, "seed": args.seed,
-                  "probe": "repeat", "local_rows": len(rows),
-                  **repeat_probe(args, config, (train_data, valid_data, test_data), backbone, rows, budgets)}
-        if args.json:
-            write_result_file(args.json, report)
-        return
-    items = backbone.item_embedding.weight.detach()
-    user_field, item_field = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
-
-    dataset = train_data.dataset
-    consumed = torch.zeros(dataset.user_num, dataset.item_num, dtype=torch.bool)
-    consumed[dataset.inter_feat[user_field], dataset.inter_feat[item_field]] = True
-    local = dataset.inter_feat[rows]
-    local_z, local_user, local_target = representations(backbone, local), local[user_field], local[item_field]
-    splits = {"valid": Split(backbone, valid_data, user_field, item_field),
-              "test": Split(backbone, test_data, user_field, item_field)}
-
-    shift = torch.zeros(dataset.user_num, items.shape[1], requires_grad=True)
-    optimizer = torch.optim.Adam([shift], lr=args.shift_learning_rate)
-    local_users = local_user.unique()
-
-    def score(step):
-        with torch.no_grad():
-            record = {"step": step, "shift_norm": shift[local_users].norm(dim=1).mean().item()}
-            for name, split in splits.items():
-                plain, masked = split.ndcg(items, shift, consumed)
-                record.update({f"{name}_ndcg@10": plain, f"{name}_ndcg@10_consumed_masked": masked})
-        print(json.dumps(record), flush=True)
-        return record
-
-    history = [score(0)]
-    for step in range(1, budgets[-1] + 1):
-        optimizer.zero_grad()
-        for start in range(0, len(local_target), CHUNK):
-            part = slice(start, start + CHUNK)
-            logits = (local_z[part] + shift[local_user[part]]) @ items.T
-            (F.cross_entropy(logits, local_target[part], reduction="sum") / len(local_users)).backward()
-        optimizer.step()
-        if step in budgets:
-            history.append(score(step))
-
-    report = {
-        "dataset": args.dataset, "backbone": args.backbone, "protocol": args.protocol, "seed": args.seed,
-        "local_rows": len(rows), "users": len(local_users),
-        "representation_norm": local_z.norm(dim=1).mean().item(),
-        "consumed_share": {name: split.consumed_share(consumed) for name, split in splits.items()},
-        "history": history,
-    }
+    report = {"dataset": args.dataset, "backbone": args.backbone, "protocol": args.protocol, "seed": args.seed,
+              "probe": args.probe, "local_rows": len(rows),
+              **PROBES[args.probe](args, config, (train_data, valid_data, test_data), backbone, rows, budgets)}
     print(json.dumps({key: value for key, value in report.items() if key != "history"}))
     if args.json:
         write_result_file(args.json, report)
