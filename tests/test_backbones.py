@@ -12,7 +12,7 @@ from tests.helpers import build
 
 SEQUENTIAL = [
     "SASRec", "GRU4Rec", "NARM", "STAMP", "Caser", "BERT4Rec", "SRGNN", "NextItNet", "LightSANs", "GCSAN",
-    "SINE", "CORE", "HRM", "NPE", "SHAN", "FOSSIL", "HGN", "GRU4RecF", "FDSA", "SASRecF",
+    "SINE", "CORE", "HRM", "NPE", "SHAN", "FOSSIL", "HGN", "GRU4RecF", "FDSA", "SASRecF", "RepeatNet",
 ]
 CTR = ["DIN", "DeepFM", "WideDeep", "DCN", "AutoInt", "xDeepFM", "NFM", "PNN", "FNN", "DCNV2", "DSSM"]
 # RecBole's xDeepFM ends its MLP in a ReLU on the score, which can be zero for every row from the start: then no

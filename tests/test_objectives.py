@@ -41,3 +41,15 @@ def test_ctr_backbone_without_a_sigmoid_module_is_refused():
 
     with pytest.raises(ValueError, match=r"backbone: \[ScoresWithTorchSigmoid\] has no nn.Sigmoid module named 'sigmoid'"):
         BinaryObjective(ScoresWithTorchSigmoid(), {"LABEL_FIELD": "label"})
+
+
+def test_probability_backbone_gives_log_probabilities_and_is_patched_at_its_item_embedding(tiny_config):
+    """RepeatNet's scores are probabilities: DCCL's logits are their log, so its CE is RepeatNet's own NLL."""
+    config, (_, _, test_data), model, _ = build({**tiny_config, "backbone": "RepeatNet", "joint_train": False})
+    model.eval()
+    batch = next(iter(test_data))[0]
+    logits = model(batch)
+    probabilities = model.backbone.full_sort_predict(batch)
+    assert torch.allclose(F.softmax(logits, dim=-1), probabilities, atol=1e-6)
+    assert torch.allclose(model.objective.loss(logits, batch).mean(), model.backbone.calculate_loss(batch), atol=1e-6)
+    assert list(model.patches) == ["backbone__item_matrix"]

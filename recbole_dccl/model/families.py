@@ -1,7 +1,9 @@
 """The RecBole model families DCCL wraps: what a device learns to predict and where its patches go by default.
 
 - **sequential** (RecBole's ``ModelType.SEQUENTIAL`` next-item models): softmax over the catalogue; default patch
-  site ``backbone``, the backbone's own output, which is the sequence representation it scores items with.
+  site ``backbone``, the backbone's own output, which is the sequence representation it scores items with. Where
+  that output is already a distribution over the items (RepeatNet), the default sites are the backbone's item
+  embedding tables instead: where it reads the sequence, before anything that turns it into probabilities.
 - **context** (CTR: RecBole's ``ModelType.CONTEXT`` models, plus DIN and DIEN, which RecBole files under
   sequential but trains on labels, and which its ``Config`` singles out by name the same way): the probability
   of a positive label; default patch sites: every hidden layer (each ``nn.Linear``) of each MLP (RecBole's
@@ -19,13 +21,19 @@ from recbole.model.layers import MLPLayers
 from recbole.utils import ModelType
 from torch import nn
 
-from recbole_dccl.model.objectives import BinaryObjective, NextItemObjective
+from recbole_dccl.model.objectives import BinaryObjective, NextItemObjective, scores_are_probabilities
 
 SEQUENTIAL_CTR_MODELS = ("DIN", "DIEN")
 
 
-def backbone_output(backbone):
-    return ["backbone"]
+def sequence_sites(backbone):
+    if not scores_are_probabilities(backbone):
+        return ["backbone"]
+    return [
+        f"backbone.{name}"
+        for name, child in backbone.named_children()
+        if isinstance(child, nn.Embedding) and child.num_embeddings == backbone.n_items
+    ]
 
 
 def mlp_hidden_layers(backbone):
@@ -57,7 +65,7 @@ class Family:
 
 
 FAMILIES = {
-    "sequential": Family("sequential", NextItemObjective, backbone_output, "sequential.yaml"),
+    "sequential": Family("sequential", NextItemObjective, sequence_sites, "sequential.yaml"),
     "context": Family("context", BinaryObjective, mlp_hidden_layers, "context.yaml", "context_implicit.yaml"),
 }
 

@@ -10,11 +10,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
+PROBABILITY_FLOOR = 1e-8  # added before the log, as RecBole's RepeatNet does in its own loss
+
+
+def scores_are_probabilities(backbone):
+    """Whether the backbone's scores are probabilities: RecBole trains such a model by NLL on their log
+    (``loss_fct = F.nll_loss``; RepeatNet), every other sequential model by CE on its scores."""
+    return getattr(backbone, "loss_fct", None) is F.nll_loss
+
+
 class NextItemObjective:
     """Sequential backbones: next-item prediction, softmax over the whole catalogue.
 
     The logits are the backbone's ``full_sort_predict`` scores, which for CE-trained sequential models
-    (SASRec, GRU4Rec, NARM, ...) are exactly the logits of their training loss.
+    (SASRec, GRU4Rec, NARM, ...) are exactly the logits of their training loss; a backbone whose scores are
+    probabilities (RepeatNet) gives their log, whose softmax is those probabilities again, so the loss is its own
+    NLL and MoMoDistill's KL compares its distributions.
     """
 
     OUTPUT = "scores over all items, [batch, n_items]"  # the logits, as an exported device model describes them
@@ -22,10 +33,12 @@ class NextItemObjective:
     def __init__(self, backbone, config):
         self.backbone = backbone
         self.target_field = backbone.POS_ITEM_ID  # the field the loss compares the logits with
+        self.log_of_scores = scores_are_probabilities(backbone)
 
     def logits(self, interaction):
         # interaction.length rather than len(): len() would fix the batch size of an exported program.
-        return self.backbone.full_sort_predict(interaction).view(interaction.length, -1)
+        scores = self.backbone.full_sort_predict(interaction).view(interaction.length, -1)
+        return (scores + PROBABILITY_FLOOR).log() if self.log_of_scores else scores
 
     def loss(self, logits, interaction):
         return F.cross_entropy(logits, interaction[self.target_field], reduction="none")
