@@ -31,8 +31,12 @@ def command(config_file, *extra):
     return [sys.executable, RUN_SCRIPT, "--model=DCCL", "--dataset=tiny", f"--config_files={config_file}", *extra]
 
 
+def run_state_files(folder):
+    return glob.glob(os.path.join(folder, "*-run.pth"))
+
+
 def run_state(folder):
-    files = glob.glob(os.path.join(folder, "*-run.pth"))
+    files = run_state_files(folder)
     return load_safe(files[0], "resume") if files else None
 
 
@@ -56,7 +60,7 @@ def test_killed_run_resumes_to_the_uninterrupted_results(tiny_config, tmp_path):
     run = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while run.poll() is None:
-            if glob.glob(os.path.join(saved, "*-run.pth")):
+            if run_state_files(saved):
                 # Hold the run still while its state is read: reading it can take longer than the tiny run's
                 # remaining phases, which then finished before the kill (seen when other tests ran first).
                 run.send_signal(signal.SIGSTOP)
@@ -77,7 +81,7 @@ def test_killed_run_resumes_to_the_uninterrupted_results(tiny_config, tmp_path):
     assert results(resumed) == results(reference), f"resumed after round {killed_at['round']} {killed_at['phase']}"
     final, expected = run_state(saved)["model"], run_state(str(tmp_path / "saved_reference"))["model"]
     assert all(torch.equal(final[name], expected[name]) for name in expected)
-    assert len(glob.glob(os.path.join(saved, "*-run.pth"))) == 1
+    assert len(run_state_files(saved)) == 1
 
 
 class Crash(Exception):
