@@ -1,6 +1,8 @@
 import pytest
 import torch
+from torch.nn import functional as F
 
+from recbole_dccl.model.families import sequence_sites
 from tests.helpers import build
 
 
@@ -68,6 +70,19 @@ def test_ctr_default_sites_are_the_hidden_layers_of_the_backbones_own_mlp(ctr_co
 def test_ctr_backbone_without_mlp_needs_patch_sites(ctr_config):
     with pytest.raises(ValueError, match=r"patch_sites: FM has no MLP .* Valid names: backbone, .*first_order_linear"):
         build({**ctr_config, "backbone": "FM"})
+
+
+def test_probability_backbone_without_an_item_embedding_table_needs_patch_sites():
+    class ProbabilitiesFromALinearLayer(torch.nn.Module):
+        n_items = 10
+        loss_fct = staticmethod(F.nll_loss)
+
+        def __init__(self):
+            super().__init__()
+            self.decoder = torch.nn.Linear(4, self.n_items)
+
+    with pytest.raises(ValueError, match=r"patch_sites: ProbabilitiesFromALinearLayer has no item embedding table .* Valid names: backbone, backbone\.decoder$"):
+        sequence_sites(ProbabilitiesFromALinearLayer())
 
 
 def test_ctr_fresh_device_model_equals_cloud_model(ctr_config):

@@ -26,14 +26,26 @@ from recbole_dccl.model.objectives import BinaryObjective, NextItemObjective, sc
 SEQUENTIAL_CTR_MODELS = ("DIN", "DIEN")
 
 
+def no_default_sites(backbone, lacks):
+    """The error for a backbone without the modules its family patches by default (``lacks`` says which)."""
+    names = ", ".join(["backbone"] + [f"backbone.{name}" for name, _ in backbone.named_modules() if name])
+    return ValueError(
+        f"patch_sites: {type(backbone).__name__} has no {lacks} DCCL patches by default; set patch_sites to some "
+        f"of its modules. Valid names: {names}"
+    )
+
+
 def sequence_sites(backbone):
     if not scores_are_probabilities(backbone):
         return ["backbone"]
-    return [
+    sites = [
         f"backbone.{name}"
         for name, child in backbone.named_children()
         if isinstance(child, nn.Embedding) and child.num_embeddings == backbone.n_items
     ]
+    if not sites:
+        raise no_default_sites(backbone, "item embedding table (an nn.Embedding with one row per item), which")
+    return sites
 
 
 def mlp_hidden_layers(backbone):
@@ -47,11 +59,7 @@ def mlp_hidden_layers(backbone):
         if isinstance(module, nn.Linear) and module.out_features > 1
     ]
     if not sites:
-        names = ", ".join(["backbone"] + [f"backbone.{name}" for name, _ in backbone.named_modules() if name])
-        raise ValueError(
-            f"patch_sites: {type(backbone).__name__} has no MLP (RecBole's MLPLayers) whose hidden layers DCCL "
-            f"patches by default; set patch_sites to some of its modules. Valid names: {names}"
-        )
+        raise no_default_sites(backbone, "MLP (RecBole's MLPLayers) whose hidden layers")
     return sites
 
 
