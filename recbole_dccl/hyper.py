@@ -30,7 +30,7 @@ from recbole_dccl.config import SETTING_RULES, DCCLConfig
 from recbole_dccl.errors import InputError, NonFiniteLoss
 from recbole_dccl.quick_start import run_recbole_dccl
 from recbole_dccl.trainer import DCCLTrainer
-from recbole_dccl.trainer.checkpoint import plain, write_atomic
+from recbole_dccl.trainer.checkpoint import write_atomic
 
 # RecBole's kinds of search ranges and how many numbers each takes after the key's name.
 RANGE_SIZES = {"uniform": 2, "quniform": 3, "loguniform": 2}
@@ -92,7 +92,7 @@ def check_range(where, kind, values):
 
 def cloud_checkpoint_for(config):
     """Where the round-0 cloud model of ``config`` goes: one file per setting of everything round 0 depends on."""
-    identity = {key: plain(config[key]) for key in DCCLTrainer.CLOUD_KEYS}
+    identity = DCCLTrainer.cloud_identity(config)
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     name = f"DCCL-{config['dataset']}-{config['backbone']}-round0-{digest}.pth"
     return os.path.join(config["checkpoint_dir"], name)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from recbole_dccl.data import RoundSchedule
+from recbole_dccl.errors import InputError
 from recbole_dccl.quick_start import run_recbole_dccl
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch
 from tests.helpers import build
@@ -157,6 +158,20 @@ def test_shared_cloud_checkpoint_is_reused_and_checked(tiny_config, tmp_path):
     assert again["cloud_only"] == first["cloud_only"]
     with pytest.raises(ValueError, match="cloud_checkpoint: .* other settings"):
         run_recbole_dccl(model="DCCL", dataset="tiny", config_dict={**tiny_config, "cloud_checkpoint": cloud, "rounds": 3}, verbose=False)
+
+
+@pytest.mark.parametrize("backbone, refused", [("DeepFM", False), ("DIN", True), ("GRU4Rec", True)])
+def test_cloud_checkpoint_depends_on_history_length_only_where_items_have_a_history(ctr_config, tmp_path, backbone, refused):
+    cloud = str(tmp_path / "cloud.pth")
+    run_recbole_dccl(model="DCCL", dataset="tiny", config_dict={**ctr_config, "backbone": backbone, "cloud_checkpoint": cloud}, verbose=False)
+    *_, longer = build({**ctr_config, "backbone": backbone, "MAX_ITEM_LIST_LENGTH": 12})
+    if refused:
+        with pytest.raises(InputError, match=r"cloud_checkpoint: .*'MAX_ITEM_LIST_LENGTH': \(8, 12\)"):
+            longer._load_cloud(cloud)
+    else:
+        longer._load_cloud(cloud)
+        saved = torch.load(cloud, weights_only=True)["state_dict"]
+        assert all(torch.equal(longer.model.state_dict()[name], value) for name, value in saved.items())
 
 
 def test_plain_recbole_model_runs_through_the_same_entry_point(tiny_config):

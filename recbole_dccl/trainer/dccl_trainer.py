@@ -7,7 +7,7 @@ from time import time
 
 import torch
 from recbole.trainer import Trainer
-from recbole.utils import dict2str, set_color
+from recbole.utils import ModelType, dict2str, set_color
 
 from recbole_dccl.data import RoundSchedule
 from recbole_dccl.defaults import dccl_defaults
@@ -135,6 +135,13 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         "embedding_size", "hidden_size", "mlp_hidden_size", "threshold", "train_neg_sample_args",
     )
 
+    @classmethod
+    def cloud_identity(cls, config):
+        """``config``'s values of :attr:`CLOUD_KEYS`, as plain values. RecBole builds item histories for sequential
+        models only, so a CTR backbone's round 0 does not depend on ``MAX_ITEM_LIST_LENGTH``."""
+        reads_history = config["MODEL_TYPE"] == ModelType.SEQUENTIAL
+        return {key: plain(config[key]) for key in cls.CLOUD_KEYS if reads_history or key != "MAX_ITEM_LIST_LENGTH"}
+
     def _pretrain_cloud(self, schedule, train_data, verbose, show_progress, callback_fn):
         """Round 0, or its result loaded from ``cloud_checkpoint``."""
         path = self.config["cloud_checkpoint"]
@@ -144,13 +151,13 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self._train_cloud(schedule, train_data, verbose, show_progress, callback_fn)
         if path and is_main_process(self.config):
             state = {key: value for key, value in self.model.state_dict().items() if key.startswith("backbone.")}
-            identity = {key: plain(self.config[key]) for key in self.CLOUD_KEYS}
+            identity = self.cloud_identity(self.config)
             save_atomic({"identity": identity, "state_dict": state}, path)
             self._log(f"round 0 cloud model written to {path}")
 
     def _load_cloud(self, path):
         checkpoint = load_safe(path, "cloud_checkpoint")
-        identity = {key: plain(self.config[key]) for key in self.CLOUD_KEYS}
+        identity = self.cloud_identity(self.config)
         check_identity("cloud_checkpoint", path, checkpoint["identity"], identity)
         self.model.load_state_dict(checkpoint["state_dict"], strict=False)
         self._log(f"round 0: cloud model loaded from {path}")
