@@ -33,11 +33,18 @@ def samples_negatives(config):
     )
 
 
+def rows_per_positive(config):
+    """How many training rows each positive interaction becomes: itself, followed by its ``sample_num`` negatives
+    where they are sampled."""
+    return 1 + config["train_neg_sample_args"]["sample_num"] if samples_negatives(config) else 1
+
+
 class RoundNegatives:
     """Draws and materialises the fixed negatives of a round's rows of ``dataset`` (the training set)."""
 
     def __init__(self, config, dataset):
-        self.sample_num = config["train_neg_sample_args"]["sample_num"]
+        self.copies = rows_per_positive(config)
+        self.sample_num = self.copies - 1
         self.seed = config["seed"]
         self.label_field = config["LABEL_FIELD"]
         self.dataset = dataset
@@ -66,13 +73,12 @@ class RoundNegatives:
                 raise ValueError(f"rows of user {user} are not visible in round {round_idx}")
             negatives[own] = draws.reshape(len(seen), self.sample_num)[position]
 
-        copies = 1 + self.sample_num
-        inter_feat = self.dataset.inter_feat[torch.as_tensor(rows)].repeat_interleave(copies)
+        inter_feat = self.dataset.inter_feat[torch.as_tensor(rows)].repeat_interleave(self.copies)
         items = np.column_stack([self.items[rows], negatives]).reshape(-1)
-        labels = torch.zeros(len(rows), copies)
+        labels = torch.zeros(len(rows), self.copies)
         labels[:, 0] = 1.0
         inter_feat.update(Interaction({self.dataset.iid_field: torch.from_numpy(items), self.label_field: labels.view(-1)}))
-        return inter_feat, np.repeat(np.arange(len(rows)), copies)
+        return inter_feat, np.repeat(np.arange(len(rows)), self.copies)
 
     def _draw(self, user, round_idx, seen_items, count):
         """``count`` items drawn uniformly, with replacement, among those ``user`` has not interacted with."""

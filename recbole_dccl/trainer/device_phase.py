@@ -25,7 +25,7 @@ import torch
 from recbole.data.interaction import Interaction
 
 from recbole_dccl.errors import NonFiniteLoss
-from recbole_dccl.negatives import samples_negatives
+from recbole_dccl.negatives import rows_per_positive
 from recbole_dccl.trainer.progress import progress
 from recbole_dccl.trainer.site_cache import SiteCache, replaying
 
@@ -229,8 +229,7 @@ class DeviceSettings:
         self.cache_bytes = config["device_cache_mb"] * 2**20
         self.show_progress = config["show_progress"]
         self.select = config["device_select"]
-        # Rows per interaction a device holds: a positive and its fixed negatives on implicit data (negatives.py).
-        self.rows_per_interaction = 1 + config["train_neg_sample_args"]["sample_num"] if samples_negatives(config) else 1
+        self.rows_per_interaction = rows_per_positive(config)
 
 
 def device_groups(local, max_rows):
