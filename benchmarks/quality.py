@@ -4,9 +4,12 @@
     python benchmarks/quality.py ... --variants=dccl,data,patch --variant=fast:device_epochs=5,device_learning_rate=0.3
 
 Each (variant, seed) cell is one ``run_recbole_dccl.py`` run writing its own result file; finished cells are not
-run again, so an interrupted benchmark resumes. All variants of a seed share one round-0 cloud model
-(``cloud_checkpoint``): their differences are the devices' and the cloud update's alone, and every variant is
-compared with the cloud-only model of its own seed user by user. Extra ``--key=value`` arguments go to every run.
+run again, and a cell cut mid-run goes on from the run state in its ``saved/<variant>-seed<seed>/`` folder (after
+its last phase, or its last epoch of round 0), so an interrupted benchmark resumes. (A cell whose settings changed
+since it was cut is refused by ``resume``: delete that folder to start it afresh.) All variants of a seed share one
+round-0 cloud model (``cloud_checkpoint``): their differences are the devices' and the cloud update's alone, and every
+variant is compared with the cloud-only model of its own seed user by user. Extra ``--key=value`` arguments go to
+every run.
 
 Writes to ``--out``: ``summary.json``, ``summary.md`` (mean ± std over seeds, overall and per user group, and the
 paired per-user gain over cloud-only with a 95% bootstrap confidence interval), ``groups.png`` (per-group test
@@ -14,6 +17,7 @@ NDCG@10) and ``rounds.png`` (test NDCG@10 of both views after every phase).
 """
 
 import argparse
+import glob
 import json
 import os
 import statistics
@@ -46,11 +50,13 @@ def run_cell(args, passthrough, variant, overrides, seed):
     cell = os.path.join(args.out, "cells", f"{variant}-seed{seed}.json")
     if os.path.isfile(cell):
         return
+    checkpoint_dir = os.path.join(args.out, "saved", f"{variant}-seed{seed}")
+    resume = checkpoint_dir if glob.glob(os.path.join(checkpoint_dir, "*-run.pth")) else None
     settings = {
         "model": "DCCL", "dataset": args.dataset, "backbone": args.backbone, "protocol": args.protocol,
         "seed": seed, "result_file": cell, "show_progress": False, "config_files": args.config_files,
         "cloud_checkpoint": os.path.join(args.out, "cloud", f"{args.backbone}-{args.protocol}-seed{seed}.pth"),
-        "checkpoint_dir": os.path.join(args.out, "saved", f"{variant}-seed{seed}"),
+        "checkpoint_dir": checkpoint_dir, "resume": resume,
         **overrides,
     }
     command = [sys.executable, os.path.join(ROOT, "run_recbole_dccl.py")]
@@ -58,7 +64,7 @@ def run_cell(args, passthrough, variant, overrides, seed):
     # A variant's own setting wins over the same key given to every run (RecBole refuses a key given twice).
     command += [arg for arg in passthrough if arg.split("=", 1)[0][2:] not in settings]
     log = os.path.join(args.out, "logs", f"{variant}-seed{seed}.log")
-    print(f"running {variant} seed {seed} (log: {log})", flush=True)
+    print(f"{'resuming' if resume else 'running'} {variant} seed {seed} (log: {log})", flush=True)
     with open(log, "w") as file:
         code = subprocess.call(command, stdout=file, stderr=subprocess.STDOUT, cwd=args.out)
     if code != 0:
@@ -377,7 +383,9 @@ def main():
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--backbone", default="GRU4Rec")
     parser.add_argument("--protocol", default="incremental", choices=("incremental", "static"))
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 2020, 2021, ...")
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds: first_seed, first_seed + 1, ...")
+    parser.add_argument("--first_seed", type=int, default=2020,
+                        help="the first seed (run seeds on two machines or processes: --first_seed=2021 --seeds=1)")
     parser.add_argument("--out", default="results/quality")
     parser.add_argument("--variants", default="dccl,data", help=f"comma-separated, from {list(VARIANTS)} and --variant")
     parser.add_argument("--variant", action="append", default=[], help="define one: name:key=value,key=value")
@@ -398,7 +406,7 @@ def main():
     unknown = [name for name in variants if name not in defined]
     if unknown:
         parser.error(f"--variants: {unknown} are not defined; defined: {list(defined)}")
-    seeds = [2020 + index for index in range(args.seeds)]
+    seeds = [args.first_seed + index for index in range(args.seeds)]
     # The first cell of each seed trains the seed's shared cloud model; the others load it.
     for seed in seeds:
         for variant in variants:

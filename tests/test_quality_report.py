@@ -1,4 +1,5 @@
-"""benchmarks/quality.py's report on hand-made result files: paired gains, intervals, tables and plots."""
+"""benchmarks/quality.py: its report on hand-made result files (paired gains, intervals, tables and plots), and how
+it runs and resumes a cell."""
 
 import json
 import os
@@ -134,3 +135,20 @@ def test_a_baseline_counting_rows_differently_is_matched_by_its_groups_users(cel
     variants = ["dccl", "data", "frequency"]
     summary = quality.summarise(quality.load_cells(cells, variants, [2020, 2021]), variants, [2020, 2021])
     assert summary["rows"]["frequency"]["groups"]["G1 [1, 5]"]["paired_gain"]["ndcg@10"]["gain"] == pytest.approx(1.0)
+
+
+def test_a_cell_cut_mid_run_is_resumed_from_its_run_state(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(quality.subprocess, "call", lambda command, **kwargs: commands.append(command) or 0)
+    args = quality.argparse.Namespace(out=str(tmp_path), dataset="tiny", backbone="GRU4Rec", protocol="incremental",
+                                      config_files=None)
+    for folder in ("cells", "logs"):
+        (tmp_path / folder).mkdir()
+    quality.run_cell(args, [], "dccl", {}, 2020)
+    cut = tmp_path / "saved" / "dccl-seed2021"
+    cut.mkdir(parents=True)
+    (cut / "DCCL-Nov-29-2026_10-00-00-run.pth").write_bytes(b"")
+    quality.run_cell(args, [], "dccl", {}, 2021)
+    fresh, resumed = commands
+    assert not [arg for arg in fresh if arg.startswith("--resume=")]
+    assert f"--resume={cut}" in resumed

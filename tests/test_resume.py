@@ -126,6 +126,49 @@ def test_run_resumed_after_a_crash_equals_the_uninterrupted_run(tiny_config, dev
     assert [name for name in expected if not torch.equal(final[name], expected[name])] == []
 
 
+def crash_after_epoch(should_crash):
+    """A ``fit`` callback that crashes the run just after the run state of an epoch of round 0 was written."""
+
+    def callback(epoch_idx, valid_score):
+        if should_crash(epoch_idx):
+            raise Crash
+
+    return callback
+
+
+@pytest.mark.parametrize("stopping_step,crash_at", [(10, "epoch 1"), (0, "early stop")])
+def test_run_cut_inside_round_0_resumes_from_its_last_epoch(tiny_config, stopping_step, crash_at):
+    """Round 0 is RecBole's ``fit`` (hours on a large dataset): a run cut between two of its epochs goes on with the
+    next epoch, with RecBole's early-stopping state, the best epoch's weights and the loader's shuffling as they were,
+    and ends as the uninterrupted run; cut after early stopping ended round 0, it trains no further epoch."""
+    settings = {**tiny_config, "rounds": 1, "epochs": 4, "stopping_step": stopping_step}
+    _, (train_data, valid_data, test_data), _, reference = build(settings)
+    epochs_run = []
+    reference.fit(train_data, valid_data, saved=True, test_data=test_data,
+                  callback_fn=lambda epoch_idx, valid_score: epochs_run.append(epoch_idx))
+    stop_epoch = epochs_run[-1]
+    if crash_at == "early stop":
+        assert stop_epoch < 3, "early stopping did not end the tiny round 0: the test would not test it"
+    should_crash = (lambda epoch: epoch == 1) if crash_at == "epoch 1" else (lambda epoch: epoch == stop_epoch)
+
+    _, (train_data, valid_data, test_data), _, crashing = build(settings)
+    with pytest.raises(Crash):
+        crashing.fit(train_data, valid_data, saved=True, test_data=test_data, callback_fn=crash_after_epoch(should_crash))
+    state = load_safe(crashing.run_state_file, "resume")
+    assert state["round_0"]["epoch"] == (1 if crash_at == "epoch 1" else stop_epoch)
+
+    _, (train_data, valid_data, test_data), _, resumed = build({**settings, "resume": crashing.run_state_file})
+    resumed_epochs = []
+    resumed.fit(train_data, valid_data, saved=True, test_data=test_data,
+                callback_fn=lambda epoch_idx, valid_score: resumed_epochs.append(epoch_idx))
+    assert resumed_epochs == [epoch for epoch in epochs_run if epoch > state["round_0"]["epoch"]]
+    assert resumed.history == reference.history
+    assert resumed.report["dccl_device"] == reference.report["dccl_device"]
+    final, expected = (load_safe(trainer.run_state_file, "resume")["model"] for trainer in (resumed, reference))
+    assert [name for name in expected if not torch.equal(final[name], expected[name])] == []
+    assert load_safe(resumed.run_state_file, "resume")["round_0"] is None
+
+
 NAN = float("nan")
 NAN_IN_PHASE = {
     "cloud": (DCCL, "calculate_loss", lambda self, interaction: self.metapatch.sum() * NAN),

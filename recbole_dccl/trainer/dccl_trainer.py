@@ -21,7 +21,7 @@ from recbole_dccl.trainer.cold_start import COLD_GROUP, cold_start_report, cold_
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
 from recbole_dccl.trainer.phase_log import publish_phase
-from recbole_dccl.trainer.resume import ResumedRun, run_state_file, save_run_state
+from recbole_dccl.trainer.resume import ResumedRun, Round0Progress, run_state_file, save_run_state
 from recbole_dccl.trainer.site_cache import RowCache
 
 
@@ -36,7 +36,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self.phase_seconds = {}
         self.phase_values = {}  # what the phase being run measured, for phase_log
         self.teachers = self.round_loader = self.round_cache = None  # of the round being run
-        self.resumed = self.run_state_file = None
+        self.resumed = self.resumed_round_0 = self.run_state_file = None
         self.report = None
         self.cold_start = None
         self.verbose, self.show_progress = True, False
@@ -98,7 +98,8 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         if self.config["resume"]:
             self.resumed = ResumedRun(self.config["resume"], self._settings())
             self.resumed.restore_bookkeeping(self)
-            done = f"round {self.resumed.state['round']} {self.resumed.state['phase']}"
+            state = self.resumed.state
+            done = f"round 0 epoch {state['round_0']['epoch']}" if self.resumed.round_0 else f"round {state['round']} {state['phase']}"
             self._log(f"resuming from {self.resumed.path}: done up to {done}")
         self.run_state_file = None
         if saved:
@@ -118,7 +119,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             kept = self.run_state_file and os.path.isfile(self.run_state_file)
             raise NonFiniteLoss(
                 f"round {round_idx} {phase}: {error}; training stopped, "
-                + (f"the run state after the last completed phase is kept in [{self.run_state_file}]" if kept
+                + (f"the run state after the last completed phase (or epoch of round 0) is kept in [{self.run_state_file}]" if kept
                    else "no run state was written before it")
             ) from None
         self.best = self._record(round_idx, phase, self.best, changed)
@@ -163,25 +164,32 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self._log(f"round 0: cloud model loaded from {path}")
 
     def _train_cloud(self, schedule, train_data, verbose, show_progress, callback_fn):
-        """Round 0: RecBole's own fit with early stopping on valid; the best epoch's weights are kept."""
+        """Round 0: RecBole's own fit with early stopping on valid; the best epoch's weights are kept. The run state
+        is saved after every evaluated epoch, so a run cut inside round 0 resumes from its last epoch."""
         start = time()
         self.model.view = "cloud"
-        best_state = {}
+        rows = schedule.cloud_rows()
+        loader = train_data if len(rows) == len(train_data.dataset) else schedule.loader(rows)
+        progress, earlier = Round0Progress(), 0.0
+        if self.resumed_round_0 is not None:
+            progress = self.resumed_round_0.restore_round_0(self, loader)
+            earlier, self.resumed_round_0 = progress.seconds, None
+            self._log(f"round 0: resuming after epoch {progress.epoch}")
 
-        def keep_best(epoch_idx, valid_score):
-            if self.cur_step == 0:  # early_stopping just took this epoch as the new best
-                best_state["state"] = copy.deepcopy(self.model.state_dict())
+        def end_of_epoch(epoch_idx, valid_score):
+            progress.record(self, loader, epoch_idx, earlier + time() - start)
+            if self.run_state_file:
+                save_run_state(self.run_state_file, self, 0, "cloud", self._settings(), round_0=progress)
             if callback_fn:
                 callback_fn(epoch_idx, valid_score)
 
-        rows = schedule.cloud_rows()
-        loader = train_data if len(rows) == len(train_data.dataset) else schedule.loader(rows)
         self._log(f"round 0: training the cloud model on {len(loader.dataset)} rows")
-        super().fit(loader, self.valid_data, verbose=verbose, saved=False, show_progress=show_progress, callback_fn=keep_best)
+        super().fit(loader, self.valid_data, verbose=verbose, saved=False, show_progress=show_progress,
+                    callback_fn=end_of_epoch)
         self._collect_user_groups(schedule, train_data)  # RecBole's fit collected round 0's rows only
-        if best_state:
-            self.model.load_state_dict(best_state["state"])
-        self.phase_seconds["round 0 cloud"] = time() - start
+        if progress.best_weights is not None:
+            self.model.load_state_dict(progress.best_weights)
+        self.phase_seconds["round 0 cloud"] = earlier + time() - start
 
     def _device_phase(self, round_idx, rows):
         """Round ``round_idx``'s devices train on ``rows`` (:class:`TrainingRows`)."""

@@ -1,12 +1,14 @@
-"""Resumable runs: after every phase ``DCCLTrainer`` writes its whole run state to one file, and ``resume``
-continues from it.
+"""Resumable runs: after every phase, and after every evaluated epoch of round 0, ``DCCLTrainer`` writes its whole
+run state to one file, and ``resume`` continues from it.
 
 The run state is everything the rest of the run depends on: the model (backbone W_f, Theta, the encoder, every
 user's metapatch buffers), the trainer's optimizer, the round and phase done, the round's teachers (MoMoDistill
 step 2 still needs the device models step 1 learned from), the random number generators (torch, CUDA, numpy,
 python, and the shuffling generator of the round's data loader), and the bookkeeping (history, best-so-far of each
 view with the device view's state, phase_seconds). Each phase builds its own optimizer, so no optimizer state
-crosses a phase boundary. A resumed run rebuilds what every round derives from the data, skips the phases the
+crosses a phase boundary. Inside round 0 (RecBole's own ``fit``, hours on a large dataset) it is also RecBole's
+early-stopping state after the last evaluated epoch (:class:`Round0Progress`): the epoch, the best score so far, the
+steps without improvement, the best epoch's weights, and the round-0 loader's shuffling generator. A resumed run rebuilds what every round derives from the data, skips the phases the
 file's run finished, and restores the rest just before the first phase it runs: it goes on exactly as the file's
 run would have.
 
@@ -67,8 +69,9 @@ def set_rng_states(states):
     random.setstate(states["python"])
 
 
-def save_run_state(path, trainer, round_idx, phase, settings):
-    """Write ``trainer``'s run state after ``phase`` of round ``round_idx`` (rank 0 only in distributed runs)."""
+def save_run_state(path, trainer, round_idx, phase, settings, round_0=None):
+    """Write ``trainer``'s run state after ``phase`` of round ``round_idx`` (rank 0 only in distributed runs), or,
+    with ``round_0`` (a :class:`Round0Progress`), after an epoch of round 0 that has not ended."""
     if not is_main_process(trainer.config):  # global rank 0: RecBole's local rank 0 would write once per machine
         return
     state = {
@@ -79,6 +82,7 @@ def save_run_state(path, trainer, round_idx, phase, settings):
         "optimizer": trainer.optimizer.state_dict(),
         "teachers": trainer.teachers.state if phase == "momodistill" else None,
         "loader_generator": trainer.round_loader.generator.get_state() if round_idx else None,
+        "round_0": round_0.state() if round_0 is not None else None,
         "rng": rng_states(),
         "history": trainer.history,
         "best": trainer.best,
@@ -95,7 +99,8 @@ class ResumedRun:
         self.path = self._find(path)
         self.state = load_safe(self.path, "resume")
         check_identity("resume", self.path, self.state["identity"], run_identity(settings))
-        self.done_until = (self.state["round"], PHASES.index(self.state["phase"]))
+        self.round_0 = self.state.get("round_0")  # round 0 cut between two of its epochs
+        self.done_until = (0, -1) if self.round_0 else (self.state["round"], PHASES.index(self.state["phase"]))
         threads = self.state["threads"]
         if threads != torch.get_num_threads():
             logging.getLogger().warning(
@@ -125,7 +130,11 @@ class ResumedRun:
 
     def restore_training(self, trainer, round_idx):
         """Model, optimizer and generators as they were when the file was written, before a phase of round
-        ``round_idx``; if that is the file's round, also the round's loader position and teachers."""
+        ``round_idx``; if that is the file's round, also the round's loader position and teachers. A round 0 cut
+        between epochs is restored by round 0 itself, once its loader is built (:meth:`restore_round_0`)."""
+        if self.round_0:
+            trainer.resumed_round_0 = self
+            return
         state = self.state
         trainer.model.load_state_dict(state["model"])
         trainer.model.eval()  # as the file's run left it: every phase ends with an evaluation
@@ -136,3 +145,51 @@ class ResumedRun:
                 teachers = {name: value.to(trainer.device) for name, value in state["teachers"].items()}
                 trainer.teachers = DeviceTeachers(trainer.model, teachers, cache=trainer.round_cache)
         set_rng_states(state["rng"])
+
+    def restore_round_0(self, trainer, loader):
+        """Model, optimizer, generators and RecBole's early-stopping state as round 0 left them after its last
+        evaluated epoch, so that RecBole's ``fit`` goes on with the next epoch (or none, if early stopping had ended
+        it); returns the :class:`Round0Progress` to go on with."""
+        state, progress = self.state, Round0Progress.from_state(self.round_0)
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        loader.generator.set_state(progress.loader_generator)
+        set_rng_states(state["rng"])
+        trainer.start_epoch = trainer.epochs if progress.stopped else progress.epoch + 1
+        trainer.cur_step, trainer.best_valid_score = progress.cur_step, progress.best_valid_score
+        trainer.best_valid_result = progress.best_valid_result
+        return progress
+
+
+class Round0Progress:
+    """Where round 0 stands after an evaluated epoch: what RecBole's ``fit`` needs to go on with the next one, the
+    weights of the best epoch so far (round 0 ends with them) and the seconds spent."""
+
+    def __init__(self):
+        self.epoch = -1
+        self.cur_step, self.best_valid_score, self.best_valid_result = 0, None, None
+        self.stopped = False
+        self.best_weights = None
+        self.loader_generator = None
+        self.seconds = 0.0
+
+    def record(self, trainer, loader, epoch, seconds):
+        """Take the state of ``trainer`` (a RecBole trainer) after evaluating ``epoch``; a new best keeps a copy of
+        the weights."""
+        self.epoch, self.cur_step = epoch, trainer.cur_step
+        self.best_valid_score = float(trainer.best_valid_score)
+        self.best_valid_result = {name: float(value) for name, value in trainer.best_valid_result.items()}
+        self.stopped = trainer.cur_step > trainer.stopping_step  # RecBole's early_stopping ends fit here
+        if trainer.cur_step == 0:  # early_stopping just took this epoch as the new best
+            self.best_weights = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+        self.loader_generator = loader.generator.get_state()
+        self.seconds = seconds
+
+    def state(self):
+        return dict(vars(self))
+
+    @classmethod
+    def from_state(cls, state):
+        progress = cls()
+        vars(progress).update(state)
+        return progress
