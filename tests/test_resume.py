@@ -153,7 +153,8 @@ def test_run_cut_inside_round_0_resumes_from_its_last_epoch(tiny_config, stoppin
 
     _, (train_data, valid_data, test_data), _, crashing = build(settings)
     with pytest.raises(Crash):
-        crashing.fit(train_data, valid_data, saved=True, test_data=test_data, callback_fn=crash_after_epoch(should_crash))
+        crashing.fit(train_data, valid_data, saved=True, test_data=test_data,
+                     callback_fn=crash_after_epoch(should_crash))
     state = load_safe(crashing.run_state_file, "resume")
     assert state["round_0"]["epoch"] == (1 if crash_at == "epoch 1" else stop_epoch)
 

@@ -99,7 +99,8 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             self.resumed = ResumedRun(self.config["resume"], self._settings())
             self.resumed.restore_bookkeeping(self)
             state = self.resumed.state
-            done = f"round 0 epoch {state['round_0']['epoch']}" if self.resumed.round_0 else f"round {state['round']} {state['phase']}"
+            done = (f"round 0 epoch {state['round_0']['epoch']}" if self.resumed.round_0
+                    else f"round {state['round']} {state['phase']}")
             self._log(f"resuming from {self.resumed.path}: done up to {done}")
         self.run_state_file = None
         if saved:
@@ -119,8 +120,8 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             kept = self.run_state_file and os.path.isfile(self.run_state_file)
             raise NonFiniteLoss(
                 f"round {round_idx} {phase}: {error}; training stopped, "
-                + (f"the run state after the last completed phase (or epoch of round 0) is kept in [{self.run_state_file}]" if kept
-                   else "no run state was written before it")
+                + (f"the run state after the last completed phase (or epoch of round 0) is kept in "
+                   f"[{self.run_state_file}]" if kept else "no run state was written before it")
             ) from None
         self.best = self._record(round_idx, phase, self.best, changed)
         self._publish(round_idx, phase)

@@ -8,12 +8,12 @@ python, and the shuffling generator of the round's data loader), and the bookkee
 view with the device view's state, phase_seconds). Each phase builds its own optimizer, so no optimizer state
 crosses a phase boundary. Inside round 0 (RecBole's own ``fit``, hours on a large dataset) it is also RecBole's
 early-stopping state after the last evaluated epoch (:class:`Round0Progress`): the epoch, the best score so far, the
-steps without improvement, the best epoch's weights, and the round-0 loader's shuffling generator. A resumed run rebuilds what every round derives from the data, skips the phases the
-file's run finished, and restores the rest just before the first phase it runs: it goes on exactly as the file's
-run would have.
+evaluations without improvement, the best epoch's weights, and the round-0 loader's shuffling generator. A resumed
+run rebuilds what every round derives from the data, skips the phases the file's run finished, and restores the
+rest just before the first phase it runs: it goes on exactly as the file's run would have.
 
 The file, ``<checkpoint_dir>/<model>-<time>-<suffix>-run.pth`` beside RecBole's best-model file, is replaced
-atomically after every phase and holds tensors and plain values only (read with ``weights_only=True``). It records
+atomically after every phase (and round-0 epoch) and holds tensors and plain values only (read with ``weights_only=True``). It records
 the settings it was written with; a run with other settings is refused. It also records the number of threads
 torch ran on: some CPU kernels split their work by it and round differently, so a run resumed on another number is
 warned that its results will differ from the uninterrupted run's in the last bits.
