@@ -13,10 +13,10 @@ run rebuilds what every round derives from the data, skips the phases the file's
 rest just before the first phase it runs: it goes on exactly as the file's run would have.
 
 The file, ``<checkpoint_dir>/<model>-<time>-<suffix>-run.pth`` beside RecBole's best-model file, is replaced
-atomically after every phase (and round-0 epoch) and holds tensors and plain values only (read with ``weights_only=True``). It records
-the settings it was written with; a run with other settings is refused. It also records the number of threads
-torch ran on: some CPU kernels split their work by it and round differently, so a run resumed on another number is
-warned that its results will differ from the uninterrupted run's in the last bits.
+atomically after every phase (and round-0 epoch) and holds tensors and plain values only (read with
+``weights_only=True``). It records the settings it was written with; a run with other settings is refused. It also
+records the number of threads torch ran on: some CPU kernels split their work by it and round differently, so a run
+resumed on another number is warned that its results will differ from the uninterrupted run's in the last bits.
 """
 
 import glob
