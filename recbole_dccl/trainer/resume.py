@@ -178,7 +178,8 @@ class Round0Progress:
         the weights."""
         self.epoch, self.cur_step = epoch, trainer.cur_step
         self.best_valid_score = float(trainer.best_valid_score)
-        self.best_valid_result = {name: float(value) for name, value in trainer.best_valid_result.items()}
+        result = trainer.best_valid_result  # None until an epoch has scored (a nan never does)
+        self.best_valid_result = None if result is None else {name: float(value) for name, value in result.items()}
         self.stopped = trainer.cur_step > trainer.stopping_step  # RecBole's early_stopping ends fit here
         if trainer.cur_step == 0:  # early_stopping just took this epoch as the new best
             self.best_weights = {name: value.clone() for name, value in trainer.model.state_dict().items()}
