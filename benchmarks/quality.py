@@ -17,7 +17,6 @@ NDCG@10) and ``rounds.png`` (test NDCG@10 of both views after every phase).
 """
 
 import argparse
-import glob
 import json
 import os
 import statistics
@@ -25,6 +24,8 @@ import subprocess
 import sys
 
 import numpy as np
+
+from recbole_dccl.trainer.resume import run_state_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -51,7 +52,7 @@ def run_cell(args, passthrough, variant, overrides, seed):
     if os.path.isfile(cell):
         return
     checkpoint_dir = os.path.join(args.out, "saved", f"{variant}-seed{seed}")
-    resume = checkpoint_dir if glob.glob(os.path.join(checkpoint_dir, "*-run.pth")) else None
+    resume = checkpoint_dir if run_state_files(checkpoint_dir) else None
     settings = {
         "model": "DCCL", "dataset": args.dataset, "backbone": args.backbone, "protocol": args.protocol,
         "seed": seed, "result_file": cell, "show_progress": False, "config_files": args.config_files,

@@ -1,7 +1,6 @@
 """Run state after every phase: a run killed mid-round resumes to the same results; a nan stops a phase and keeps
 the last good state; a run state from other settings is refused."""
 
-import glob
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from recbole_dccl.model.dccl import DCCL
 from recbole_dccl.model.objectives import NextItemObjective
 from recbole_dccl.trainer import device_phase
 from recbole_dccl.trainer.checkpoint import load_safe
-from recbole_dccl.trainer.resume import ResumedRun, run_state_file, save_run_state
+from recbole_dccl.trainer.resume import ResumedRun, run_state_file, run_state_files, save_run_state
 from tests.helpers import build
 
 RUN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_recbole_dccl.py")
@@ -29,10 +28,6 @@ MID_ROUND = ("device", "momodistill")
 
 def command(config_file, *extra):
     return [sys.executable, RUN_SCRIPT, "--model=DCCL", "--dataset=tiny", f"--config_files={config_file}", *extra]
-
-
-def run_state_files(folder):
-    return glob.glob(os.path.join(folder, "*-run.pth"))
 
 
 def run_state(folder):

@@ -167,18 +167,17 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
     def _train_cloud(self, schedule, train_data, verbose, show_progress, callback_fn):
         """Round 0: RecBole's own fit with early stopping on valid; the best epoch's weights are kept. The run state
         is saved after every evaluated epoch, so a run cut inside round 0 resumes from its last epoch."""
-        start = time()
         self.model.view = "cloud"
         rows = schedule.cloud_rows()
         loader = train_data if len(rows) == len(train_data.dataset) else schedule.loader(rows)
-        progress, earlier = Round0Progress(), 0.0
+        progress = Round0Progress()
         if self.resumed_round_0 is not None:
-            progress = self.resumed_round_0.restore_round_0(self, loader)
-            earlier, self.resumed_round_0 = progress.seconds, None
+            progress, self.resumed_round_0 = self.resumed_round_0.restore_round_0(self, loader), None
             self._log(f"round 0: resuming after epoch {progress.epoch}")
+        start = time() - progress.seconds  # a resumed round 0 counts the seconds it had spent
 
         def end_of_epoch(epoch_idx, valid_score):
-            progress.record(self, loader, epoch_idx, earlier + time() - start)
+            progress.record(self, loader, epoch_idx, time() - start)
             if self.run_state_file:
                 save_run_state(self.run_state_file, self, 0, "cloud", self._settings(), round_0=progress)
             if callback_fn:
@@ -190,7 +189,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self._collect_user_groups(schedule, train_data)  # RecBole's fit collected round 0's rows only
         if progress.best_weights is not None:
             self.model.load_state_dict(progress.best_weights)
-        self.phase_seconds["round 0 cloud"] = earlier + time() - start
+        self.phase_seconds["round 0 cloud"] = time() - start
 
     def _device_phase(self, round_idx, rows):
         """Round ``round_idx``'s devices train on ``rows`` (:class:`TrainingRows`)."""

@@ -43,6 +43,11 @@ def run_state_file(saved_model_file):
     return os.path.splitext(saved_model_file)[0] + "-run.pth"
 
 
+def run_state_files(folder):
+    """The run-state files in ``folder`` (a run's ``checkpoint_dir``)."""
+    return glob.glob(os.path.join(folder, "*-run.pth"))
+
+
 def run_identity(settings):
     """The settings a run state must agree on to be resumed."""
     return {key: value for key, value in settings.items() if key not in FREE_KEYS}
@@ -113,7 +118,7 @@ class ResumedRun:
     def _find(path):
         if not os.path.isdir(path):
             return path
-        files = glob.glob(os.path.join(path, "*-run.pth"))
+        files = run_state_files(path)
         if not files:
             raise InputError(f"resume: [{path}] holds no run-state file (*-run.pth); give a file or another folder.")
         return max(files, key=os.path.getmtime)
@@ -155,7 +160,8 @@ class ResumedRun:
         trainer.optimizer.load_state_dict(state["optimizer"])
         loader.generator.set_state(progress.loader_generator)
         set_rng_states(state["rng"])
-        trainer.start_epoch = trainer.epochs if progress.stopped else progress.epoch + 1
+        stopped = progress.cur_step > trainer.stopping_step  # RecBole's early_stopping had ended fit there
+        trainer.start_epoch = trainer.epochs if stopped else progress.epoch + 1
         trainer.cur_step, trainer.best_valid_score = progress.cur_step, progress.best_valid_score
         trainer.best_valid_result = progress.best_valid_result
         return progress
@@ -168,7 +174,6 @@ class Round0Progress:
     def __init__(self):
         self.epoch = -1
         self.cur_step, self.best_valid_score, self.best_valid_result = 0, None, None
-        self.stopped = False
         self.best_weights = None
         self.loader_generator = None
         self.seconds = 0.0
@@ -180,7 +185,6 @@ class Round0Progress:
         self.best_valid_score = float(trainer.best_valid_score)
         result = trainer.best_valid_result  # None until an epoch has scored (a nan never does)
         self.best_valid_result = None if result is None else {name: float(value) for name, value in result.items()}
-        self.stopped = trainer.cur_step > trainer.stopping_step  # RecBole's early_stopping ends fit here
         if trainer.cur_step == 0:  # early_stopping just took this epoch as the new best
             self.best_weights = {name: value.clone() for name, value in trainer.model.state_dict().items()}
         self.loader_generator = loader.generator.get_state()
