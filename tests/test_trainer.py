@@ -129,6 +129,27 @@ def test_device_method_none_has_no_device_models(tiny_config):
     assert result["dccl_device"] == result["dccl_cloud"]
 
 
+@pytest.mark.parametrize("fixture", ["tiny_config", "implicit_config"])
+def test_device_view_without_patches_is_scored_as_the_cloud_view(request, fixture):
+    config, (train_data, valid_data, test_data), model, trainer = build(request.getfixturevalue(fixture))
+    evaluated = []  # (phase index, view, whether any device holds a patch)
+    score_view = trainer._score_view
+
+    def counted(view):
+        evaluated.append((len(trainer.history), view, bool(model.metapatch.any())))
+        return score_view(view)
+
+    trainer._score_view = counted
+    trainer.fit(train_data, valid_data, saved=False, test_data=test_data)
+    devices = [(index, has_patch) for index, view, has_patch in evaluated if view == "device"]
+    assert devices and all(has_patch for _, has_patch in devices)
+    assert 0 not in [index for index, _ in devices]
+    assert trainer.report["history"][0]["device"] == trainer.report["history"][0]["cloud"]
+    # What it rests on: with every metapatch zero, evaluating the device view gives the cloud view's scores exactly.
+    model.metapatch.zero_()
+    assert score_view("device") == score_view("cloud")
+
+
 def test_device_method_patch_trains_per_user_patch_weights(tiny_config):
     config, (train_data, valid_data, test_data), model, trainer = build({**tiny_config, "device_method": "patch"})
     dim, rank = tiny_config["hidden_size"], tiny_config["patch_rank"]

@@ -262,6 +262,18 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         scores["score"] = scores["valid"][self.valid_metric]
         return scores
 
+    def _device_view_is_cloud(self):
+        """Without device models, or while every metapatch is zero (round 0; a round no device adopted its patch in),
+        the device view computes exactly the cloud model (a zero metapatch adds a zero patch: metapatch.py)."""
+        return not self.has_devices or not self.model.metapatch.any()
+
+    @staticmethod
+    def _cloud_scores(scored, best):
+        """The cloud view's latest scores: this phase's, or those it was left with."""
+        if "cloud" in scored:
+            return scored["cloud"]
+        return {key: value for key, value in best["deployed_cloud"].items() if key not in ("round", "phase")}
+
     def _record(self, round_idx, phase, best=None, changed=None):
         """Score the views a phase ``changed`` (default: both), log them, and keep the best of each view on valid;
         a view the phase left alone keeps its previous scores. Per-user test values are kept for the best and for
@@ -272,7 +284,10 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             if changed is not None and view not in changed:
                 entry[view] = self.history[-1][view]
                 continue
-            scores = scored["cloud"] if view == "device" and not self.has_devices else self._score_view(view)
+            if view == "device" and self._device_view_is_cloud():
+                scores = self._cloud_scores(scored, best)
+            else:
+                scores = self._score_view(view)
             scored[view] = scores
             entry[view] = {key: value for key, value in scores.items() if key != "test_users"}
             if self.verbose:
