@@ -263,9 +263,10 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         return scores
 
     def _device_view_is_cloud(self):
-        """Without device models, or while every metapatch is zero (round 0; a round no device adopted its patch in),
-        the device view computes exactly the cloud model (a zero metapatch adds a zero patch: metapatch.py)."""
-        return not self.has_devices or not self.model.metapatch.any()
+        """While every metapatch is zero (round 0; a round no device adopted its patch in; always with
+        ``device_method: none``), the device view computes exactly the cloud model: a zero metapatch adds a zero
+        patch (metapatch.py)."""
+        return not self.model.metapatch.any()
 
     @staticmethod
     def _cloud_scores(scored, best):
