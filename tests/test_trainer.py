@@ -129,9 +129,11 @@ def test_device_method_none_has_no_device_models(tiny_config):
     assert result["dccl_device"] == result["dccl_cloud"]
 
 
-@pytest.mark.parametrize("fixture", ["tiny_config", "implicit_config"])
-def test_device_view_without_patches_is_scored_as_the_cloud_view(request, fixture):
-    config, (train_data, valid_data, test_data), model, trainer = build(request.getfixturevalue(fixture))
+@pytest.mark.parametrize(
+    "fixture, overrides", [("tiny_config", {}), ("tiny_config", {"device_method": "patch"}), ("implicit_config", {})]
+)
+def test_device_view_without_patches_is_scored_as_the_cloud_view(request, fixture, overrides):
+    config, (train_data, valid_data, test_data), model, trainer = build({**request.getfixturevalue(fixture), **overrides})
     evaluated = []  # (phase index, view, whether any device holds a patch)
     score_view = trainer._score_view
 
