@@ -8,7 +8,8 @@ run again, and a cell cut mid-run goes on from the run state in its ``saved/<var
 its last phase, or its last epoch of round 0), so an interrupted benchmark resumes. (A cell whose settings changed
 since it was cut is refused by ``resume``: delete that folder to start it afresh.) All variants of a seed share one
 round-0 cloud model (``cloud_checkpoint``): their differences are the devices' and the cloud update's alone, and every
-variant is compared with the cloud-only model of its own seed user by user. Extra ``--key=value`` arguments go to
+variant is compared with the cloud-only model of its own seed user by user (a cell whose cloud-only reading differs
+from its seed's other cells started from another round 0 and is refused). Extra ``--key=value`` arguments go to
 every run.
 
 Writes to ``--out``: ``summary.json``, ``summary.md`` (mean ± std over seeds, overall and per user group, and the
@@ -70,6 +71,36 @@ def run_cell(args, passthrough, variant, overrides, seed):
         code = subprocess.call(command, stdout=file, stderr=subprocess.STDOUT, cwd=args.out)
     if code != 0:
         raise RuntimeError(f"{variant} seed {seed} failed (exit {code}); see {log}")
+    check_shared_round0(seed_cells(args.out, seed))
+
+
+def seed_cells(out, seed):
+    """``{(variant, seed): cell}`` of every finished cell of ``seed`` in ``out``."""
+    suffix = f"-seed{seed}.json"
+    cells = {}
+    for name in sorted(os.listdir(os.path.join(out, "cells"))):
+        if name.endswith(suffix):
+            with open(os.path.join(out, "cells", name)) as file:
+                cells[name[:-len(suffix)], seed] = json.load(file)
+    return cells
+
+
+def check_shared_round0(cells):
+    """Every DCCL cell of a seed must have started from the same round-0 cloud model, the seed's shared
+    ``cloud_checkpoint``: its gains are paired with that model's per-user results. A round 0 trained again (its
+    checkpoint lost) is the same model only with the same code, settings and thread count; a cell whose cloud-only
+    reading differs is refused here, before a summary pairs its gains with a model it did not start from."""
+    first = {}
+    for (variant, seed), cell in cells.items():
+        if "cloud_only" not in cell:
+            continue  # a plain model (a baseline) has no round 0
+        reading = {part: cell["cloud_only"][part] for part in ("valid", "test")}
+        name, reference = first.setdefault(seed, (variant, reading))
+        if reading != reference:
+            raise ValueError(
+                f"seed {seed}: the cells {name} and {variant} started from different round-0 models (cloud-only "
+                f"{reference} against {reading}); delete the cell whose round 0 is not the seed's shared one (and its "
+                f"saved/ run state) and run it again from the seed's cloud_checkpoint")
 
 
 def reported_metrics(result):
@@ -86,6 +117,7 @@ def load_cells(out, variants, seeds):
         for seed in seeds:
             with open(os.path.join(out, "cells", f"{variant}-seed{seed}.json")) as file:
                 cells[variant, seed] = json.load(file)
+    check_shared_round0(cells)
     return cells
 
 

@@ -152,3 +152,26 @@ def test_a_cell_cut_mid_run_is_resumed_from_its_run_state(tmp_path, monkeypatch)
     fresh, resumed = commands
     assert not [arg for arg in fresh if arg.startswith("--resume=")]
     assert f"--resume={cut}" in resumed
+
+
+def test_a_cell_from_another_round_0_model_is_refused(cells, tmp_path, monkeypatch):
+    """A seed's cells pair their gains with one round-0 model; a cell whose round 0 was trained again differently
+    (its checkpoint lost, another thread count) is refused when it is written and when a summary reads it."""
+    with open(os.path.join(cells, "cells", "dccl-seed2020.json")) as file:
+        other_round0 = json.load(file)
+    other_round0["cloud_only"] = view(np.full(len(USERS), 0.3))
+
+    def run(command, **kwargs):
+        result = next(arg.split("=", 1)[1] for arg in command if arg.startswith("--result_file="))
+        with open(result, "w") as file:
+            json.dump(other_round0, file)
+        return 0
+
+    monkeypatch.setattr(quality.subprocess, "call", run)
+    args = quality.argparse.Namespace(out=cells, dataset="tiny", backbone="GRU4Rec", protocol="incremental",
+                                      config_files=None)
+    os.makedirs(os.path.join(cells, "logs"))
+    with pytest.raises(ValueError, match="seed 2020: the cells data and late started from different round-0 models"):
+        quality.run_cell(args, [], "late", {}, 2020)
+    with pytest.raises(ValueError, match="different round-0 models"):
+        quality.write_report(cells, ["dccl", "data", "late"], [2020])
