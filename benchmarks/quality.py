@@ -96,7 +96,7 @@ def check_shared_round0(cells):
             continue  # a plain model (a baseline) has no round 0
         reading = {part: cell["cloud_only"][part] for part in ("valid", "test")}
         name, reference = first.setdefault(seed, (variant, reading))
-        if reading != reference:
+        if json.dumps(reading, sort_keys=True) != json.dumps(reference, sort_keys=True):  # NaN (a GAUC) equals NaN
             raise ValueError(
                 f"seed {seed}: the cells {name} and {variant} started from different round-0 models (cloud-only "
                 f"{reference} against {reading}); delete the cell whose round 0 is not the seed's shared one (and its "

@@ -154,7 +154,7 @@ def test_a_cell_cut_mid_run_is_resumed_from_its_run_state(tmp_path, monkeypatch)
     assert f"--resume={cut}" in resumed
 
 
-def test_a_cell_from_another_round_0_model_is_refused(cells, tmp_path, monkeypatch):
+def test_a_cell_from_another_round_0_model_is_refused(cells, monkeypatch):
     """A seed's cells pair their gains with one round-0 model; a cell whose round 0 was trained again differently
     (its checkpoint lost, another thread count) is refused when it is written and when a summary reads it."""
     with open(os.path.join(cells, "cells", "dccl-seed2020.json")) as file:
