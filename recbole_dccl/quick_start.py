@@ -8,9 +8,12 @@ import argparse
 import json
 import logging
 import os
+import platform
 import sys
 from logging import getLogger
 
+import recbole
+import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_logger, init_seed, set_color
 
@@ -57,6 +60,7 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
         valid_score_bigger=config["valid_metric_bigger"],
         best_valid_result={k: float(v) for k, v in (best_valid_result or {}).items()},
         test_result={k: float(v) for k, v in test_result.items()},
+        platform=run_platform(config),
     )
     if config["result_file"] and is_main_process(config):
         write_result_file(config["result_file"], result)
@@ -135,6 +139,13 @@ def saved_config(model_file, checkpoint):
         settings["data_path"] = os.path.dirname(os.path.normpath(settings["data_path"]))
     settings.update(dict.fromkeys(TRAINING_FILE_KEYS))
     return DCCLConfig(model=stored["model"], dataset=stored["dataset"], config_dict=settings)
+
+
+def run_platform(config):
+    """What a run's numbers depend on besides its settings: the versions it ran on and its thread count (the same
+    round 0 trained on another thread count sums in another order and ends as another model)."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "recbole": recbole.__version__,
+            "threads": torch.get_num_threads(), "device": str(config["device"])}
 
 
 def write_result_file(path, result):

@@ -81,6 +81,7 @@ def test_end_to_end_writes_all_three_views(tiny_config, tmp_path, protocol):
     groups = written["dccl_device"]["test_groups"]
     assert len(groups) == 5 and sum(group["users"] for group in groups.values()) == 30
     assert set(written["phase_seconds"]) >= {"round 0 cloud", "round 2 shared"}
+    assert written["platform"]["threads"] == torch.get_num_threads() and written["platform"]["device"] == "cpu"
     best = max(entry["device"]["valid"]["ndcg@10"] for entry in written["history"])
     assert written["dccl_device"]["valid"]["ndcg@10"] == best
     assert result["test_result"] == written["dccl_device"]["test"]
