@@ -143,7 +143,7 @@ def saved_config(model_file, checkpoint):
 
 def run_platform(config):
     """What a run's numbers depend on besides its settings: the versions it ran on and its thread count (the same
-    round 0 trained on another thread count sums in another order and ends as another model)."""
+    round 0 trained on another thread count may sum in another order and end as another model)."""
     return {"python": platform.python_version(), "torch": torch.__version__, "recbole": recbole.__version__,
             "threads": torch.get_num_threads(), "device": str(config["device"])}
 
