@@ -49,7 +49,7 @@ def parse_variant(text):
 
 
 def run_cell(args, passthrough, variant, overrides, seed):
-    cell = os.path.join(args.out, "cells", f"{variant}-seed{seed}.json")
+    cell = cell_path(args.out, variant, seed)
     if os.path.isfile(cell):
         return
     checkpoint_dir = os.path.join(args.out, "saved", f"{variant}-seed{seed}")
@@ -71,18 +71,17 @@ def run_cell(args, passthrough, variant, overrides, seed):
         code = subprocess.call(command, stdout=file, stderr=subprocess.STDOUT, cwd=args.out)
     if code != 0:
         raise RuntimeError(f"{variant} seed {seed} failed (exit {code}); see {log}")
-    check_shared_round0(seed_cells(args.out, seed))
+    load_cells(args.out, finished_variants(args.out, seed), [seed])  # refuses a cell from another round 0
 
 
-def seed_cells(out, seed):
-    """``{(variant, seed): cell}`` of every finished cell of ``seed`` in ``out``."""
+def cell_path(out, variant, seed):
+    return os.path.join(out, "cells", f"{variant}-seed{seed}.json")
+
+
+def finished_variants(out, seed):
+    """The variants whose cell of ``seed`` is written in ``out``."""
     suffix = f"-seed{seed}.json"
-    cells = {}
-    for name in sorted(os.listdir(os.path.join(out, "cells"))):
-        if name.endswith(suffix):
-            with open(os.path.join(out, "cells", name)) as file:
-                cells[name[:-len(suffix)], seed] = json.load(file)
-    return cells
+    return [name[:-len(suffix)] for name in sorted(os.listdir(os.path.join(out, "cells"))) if name.endswith(suffix)]
 
 
 def check_shared_round0(cells):
@@ -115,7 +114,7 @@ def load_cells(out, variants, seeds):
     cells = {}
     for variant in variants:
         for seed in seeds:
-            with open(os.path.join(out, "cells", f"{variant}-seed{seed}.json")) as file:
+            with open(cell_path(out, variant, seed)) as file:
                 cells[variant, seed] = json.load(file)
     check_shared_round0(cells)
     return cells
