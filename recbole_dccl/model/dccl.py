@@ -55,17 +55,12 @@ class DCCL(AbstractRecommender):
         self.objective = family.objective(self.backbone, config)
         self.view = "cloud"
 
-        patterns = config["patch_sites"] or family.default_sites(self.backbone)
-        sites = find_sites(self.backbone, "backbone", [patterns] if isinstance(patterns, str) else patterns)
-        dims = site_output_dims(sites, lambda: self._dry_run(dataset))
-        self.patches, metapatch_dim = self._build_patches(config, dims)
-        self.context = PatchContext()
-        for name, module in sites.items():
-            wrap_site(name, module, self.patches[self._key(name)], self.context)
-
-        self.encoder = AuxiliaryEncoder(
-            dataset, metapatch_dim, config["encoder_embedding_size"], config["encoder_hidden_size"]
-        )
+        # Everything outside the backbone draws from a random stream of its own: how many numbers the patches and
+        # the encoder draw depends on the device-side settings, and on the global stream it would change round 0,
+        # which trains the backbone from there (so two device settings would be compared on two cloud models).
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(config["seed"])
+            metapatch_dim = self._add_device_side(config, dataset, family)
         if not self.encoder.has_profile:
             self.logger.warning("DCCL: the dataset has no .user profile features; the encoder runs without them.")
         n_users = dataset.num(self.USER_ID)
@@ -73,6 +68,20 @@ class DCCL(AbstractRecommender):
         self.register_buffer("metapatch", torch.zeros(n_users, metapatch_dim))
         self.register_buffer("uploaded_metapatch", torch.zeros(n_users, metapatch_dim))
         self.register_buffer("user_history", torch.zeros(n_users, HISTORY_LENGTH, dtype=torch.long), persistent=False)
+
+    def _add_device_side(self, config, dataset, family):
+        """The patches at the backbone's patch sites and the auxiliary encoder; returns the metapatch size."""
+        patterns = config["patch_sites"] or family.default_sites(self.backbone)
+        sites = find_sites(self.backbone, "backbone", [patterns] if isinstance(patterns, str) else patterns)
+        dims = site_output_dims(sites, lambda: self._dry_run(dataset))
+        self.patches, metapatch_dim = self._build_patches(config, dims)
+        self.context = PatchContext()
+        for name, module in sites.items():
+            wrap_site(name, module, self.patches[self._key(name)], self.context)
+        self.encoder = AuxiliaryEncoder(
+            dataset, metapatch_dim, config["encoder_embedding_size"], config["encoder_hidden_size"]
+        )
+        return metapatch_dim
 
     def _build_patches(self, config, dims):
         """One patch per site, and the size of the vector each user holds (its metapatch, or for

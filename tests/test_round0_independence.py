@@ -1,0 +1,67 @@
+"""Round 0 (the cloud-only model) must not depend on any device-side setting: a user comparing two device settings in
+two runs compares them on one cloud model."""
+
+import torch
+
+from recbole_dccl.defaults import dccl_defaults
+from recbole_dccl.quick_start import run_recbole_dccl
+
+from tests.helpers import build
+
+# A value other than the tiny runs' for every DCCL key that is not about the data protocol or files.
+OTHER_VALUES = {
+    "device_method": "patch",
+    "cloud_method": "data",
+    "patch_sites": "backbone.dense",
+    "metapatch_dim": 64,
+    "patch_rank": 5,
+    "device_data": "fresh",
+    "device_epochs": 1,
+    "device_learning_rate": 0.5,
+    "device_batch_size": 7,
+    "device_valid_size": 2,
+    "device_select": "last",
+    "device_l2": 0.1,
+    "device_chunk_size": 3,
+    "device_cache_mb": 0,
+    "cloud_epochs": 2,
+    "distill_weight": 0.3,
+    "distill_temperature": 2.0,
+    "shared_epochs": 1,
+    "shared_learning_rate": 0.1,
+    "shared_ce_weight": 0.5,
+    "encoder_embedding_size": 8,
+    "encoder_hidden_size": 16,
+}
+ROUND_0_KEYS = ("backbone", "protocol", "fresh_interactions", "rounds", "cold_start_ratio")
+FILE_KEYS = ("cloud_checkpoint", "resume", "result_file")
+
+
+def backbone_and_stream(config_dict):
+    """The freshly built backbone's weights and the global random stream round 0 then trains from."""
+    _, _, model, _ = build(config_dict)
+    return model.backbone.state_dict(), torch.random.get_rng_state()
+
+
+def test_every_device_side_key_is_covered():
+    assert set(OTHER_VALUES) == set(dccl_defaults()) - set(ROUND_0_KEYS) - set(FILE_KEYS)
+
+
+def test_round_0_starts_from_the_same_backbone_and_random_stream_for_every_device_side_key(tiny_config):
+    weights, stream = backbone_and_stream(tiny_config)
+    for key, value in {**OTHER_VALUES, "device_method": "none"}.items():
+        other_weights, other_stream = backbone_and_stream({**tiny_config, key: value})
+        assert torch.equal(other_stream, stream), key
+        assert other_weights.keys() == weights.keys(), key
+        assert all(torch.equal(other_weights[name], weights[name]) for name in weights), key
+
+
+def test_round_0_model_is_bit_for_bit_the_same_whatever_the_device_side_settings(tiny_config, tmp_path):
+    models = []
+    for name, settings in (("defaults", {}), ("others", OTHER_VALUES)):
+        path = str(tmp_path / f"{name}.pth")
+        run_recbole_dccl(model="DCCL", dataset="tiny", config_dict={**tiny_config, **settings, "epochs": 1,
+                         "cloud_checkpoint": path}, saved=False, verbose=False)
+        models.append(torch.load(path, weights_only=True)["state_dict"])
+    assert models[0].keys() == models[1].keys()
+    assert all(torch.equal(models[0][name], models[1][name]) for name in models[0])
