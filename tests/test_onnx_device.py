@@ -80,7 +80,7 @@ def test_onnx_device_scores_and_trains_as_the_pytorch_device_phase(tiny_config, 
     # Training: each device's phase on ONNX Runtime keeps the metapatch the batched phase gives that device.
     device_settings = DeviceSettings(config)
     schedule = RoundSchedule(config, train_data)
-    local = LocalData.from_rows(schedule.training_rows(schedule.device_rows(1), 1), device_settings.valid_size, "cpu")
+    local = LocalData.from_rows(schedule.training_rows(schedule.local_rows(1), 1), device_settings.valid_size, "cpu")
     start = model.metapatch[local.users]
     seed = 7
     batched = personalise(model, local, start, device_settings, seed)
