@@ -3,7 +3,8 @@
     python -m recbole_dccl.export --checkpoint=saved/DCCL-Nov-21-2026_10-00-00.pth --out=export
     python -m recbole_dccl.export --checkpoint=saved/DCCL-Nov-21-2026_10-00-00.pth --out=export --format=onnx --device_data
 
-From a DCCL checkpoint (saved/) this writes
+From a DCCL checkpoint (saved/) this writes, of the run's deployed model (the model after the last phase, what the
+devices run) or with ``--reading=selected`` of the phase that scored best in the device view on valid,
 
 - the shared device model (cloud backbone W_f, the patch machinery and Theta), which every device downloads:
   ``device_model.pt2``, a ``torch.export`` program (``--format=torch``, the default), or ``device_model.onnx`` for
@@ -19,11 +20,12 @@ From a DCCL checkpoint (saved/) this writes
   checkpoint's ``device_data`` key: the round's fresh rows, or all rows so far; one array per input field and the
   target; on implicit data each positive followed by its round-1 negatives), to run :mod:`dccl_device` on
   simulated devices.
-- ``manifest.json``: the inputs and the byte counts of docs/deployment.md: ``metapatch`` (what a device uploads and
-  downloads per round, raw), ``metapatch_file``, ``theta`` and ``backbone`` (raw parameters), ``device_model_file``
-  (what every device downloads; for ONNX also ``device_training_files``, what a device that trains downloads
-  besides), ``per_user_model_copy`` (W_f plus one user's generated patch weights: what each device would need
-  without the shared model) and the totals over all users of both ways.
+- ``manifest.json``: the file read (``checkpoint``) and its ``reading``, the inputs and the byte counts of
+  docs/deployment.md: ``metapatch`` (what a device uploads and downloads per round, raw), ``metapatch_file``,
+  ``theta`` and ``backbone`` (raw parameters), ``device_model_file`` (what every device downloads; for ONNX also
+  ``device_training_files``, what a device that trains downloads besides), ``per_user_model_copy`` (W_f plus one
+  user's generated patch weights: what each device would need without the shared model) and the totals over all
+  users of both ways.
 
 Every file is written to a temporary name and renamed, so a reader never sees a half-written one; re-running
 replaces whole files only.
@@ -43,16 +45,19 @@ from torch import nn
 from dccl_device.files import load_arrays, save_arrays
 from recbole_dccl.data import RoundSchedule
 from recbole_dccl.errors import InputError
-from recbole_dccl.quick_start import load_data_and_model, write_result_file
-from recbole_dccl.trainer.checkpoint import load_safe, write_atomic
+from recbole_dccl.quick_start import load_from_checkpoint, read_checkpoint, write_result_file
+from recbole_dccl.trainer.checkpoint import write_atomic
 from recbole_dccl.trainer.device_phase import DeviceSettings
 
 FORMATS = {"torch": "device_model.pt2", "onnx": "device_model.onnx"}  # format -> the device model's file
 
 
-def load_dccl(checkpoint_path):
-    """``(config, train_data, test_data, model)`` of a DCCL checkpoint of :mod:`trainer.checkpoint`, on the CPU."""
-    stored = load_safe(checkpoint_path, "checkpoint").get("config", {})
+def load_dccl(checkpoint_path, reading=None):
+    """``(source, config, train_data, test_data, model)`` of the model ``reading`` of the DCCL run that wrote
+    ``checkpoint_path`` (:func:`~recbole_dccl.quick_start.read_checkpoint`), the model on the CPU; ``source``: the
+    manifest's ``checkpoint`` (the file read) and ``reading`` (``None`` for a checkpoint that records none)."""
+    path, checkpoint = read_checkpoint(checkpoint_path, reading, key="checkpoint")
+    stored = checkpoint.get("config", {})
     if stored.get("model") != "DCCL":
         raise InputError(f"checkpoint: [{checkpoint_path}] is not a DCCL checkpoint (model: {stored.get('model')!r}).")
     if stored.get("device_method", "metapatch") != "metapatch":
@@ -60,8 +65,9 @@ def load_dccl(checkpoint_path):
             f"checkpoint: [{checkpoint_path}] has device_method [{stored['device_method']}]; "
             "only device_method 'metapatch' models are exported."
         )
-    config, model, _, train_data, _, test_data = load_data_and_model(checkpoint_path)
-    return config, train_data, test_data, model.cpu().eval()
+    config, model, _, train_data, _, test_data = load_from_checkpoint(path, checkpoint)
+    source = {"checkpoint": os.path.abspath(path), "reading": checkpoint.get("reading")}
+    return source, config, train_data, test_data, model.cpu().eval()
 
 
 class ReadFields(Interaction):
@@ -144,13 +150,14 @@ def tensor_bytes(tensors):
     return int(sum(tensor.numel() * tensor.element_size() for tensor in tensors))
 
 
-def export(checkpoint_path, out, format="torch", device_data=False):
+def export(checkpoint_path, out, format="torch", device_data=False, reading=None):
     """Write the device model in ``format`` (see :data:`FORMATS`), every user's metapatch and ``manifest.json`` to
-    ``out``; with ``device_data`` also each user's local data of round 1. Returns the manifest."""
+    ``out``; with ``device_data`` also each user's local data of round 1. ``reading``: which model of the run
+    (default deployed). Returns the manifest."""
     if format not in FORMATS:
         raise InputError(f"format: [{format}] is not one of {', '.join(FORMATS)}.")
     onnx_export = onnx_exporter() if format == "onnx" else None  # before any work: its packages are optional
-    config, train_data, test_data, model = load_dccl(checkpoint_path)
+    source, config, train_data, test_data, model = load_dccl(checkpoint_path, reading)
     dataset = train_data.dataset
     batch, _, _, _ = next(iter(test_data))
     device_model = DeviceModel(model, backbone_fields(model, batch)).eval()
@@ -185,7 +192,7 @@ def export(checkpoint_path, out, format="torch", device_data=False):
     model_file_bytes = os.path.getsize(model_path)
     per_user_copy = tensor_bytes(model.backbone.parameters()) + generated_patch_bytes(model)
     manifest = {
-        "checkpoint": os.path.abspath(checkpoint_path),
+        **source,
         "backbone": config["backbone"],
         "format": format,
         "inputs": inputs,
@@ -246,8 +253,14 @@ def main(argv=None):
                         "ONNX models for ONNX Runtime, scoring and on-device training (the 'device' extra)")
     parser.add_argument("--device_data", action="store_true", help="also write each user's local data of round 1 "
                         "(device_data/<user token>.npz), to run the device side on simulated devices")
+    parser.add_argument("--reading", default=None, help="model of the DCCL run: deployed (default, the model after "
+                        "the last phase) or selected (the phase best on valid)")
     args = parser.parse_args(argv)
-    manifest = export(args.checkpoint, args.out, args.format, args.device_data)
+    try:
+        manifest = export(args.checkpoint, args.out, args.format, args.device_data, args.reading)
+    except InputError as error:
+        print(f"export: error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(manifest, indent=2))
     return 0
 

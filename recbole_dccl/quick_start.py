@@ -21,7 +21,7 @@ from recbole_dccl.config import DCCLConfig
 from recbole_dccl.distributed import is_main_process, launch
 from recbole_dccl.errors import InputError, NonFiniteLoss
 from recbole_dccl.evaluation import group_table
-from recbole_dccl.trainer.checkpoint import load_safe, write_atomic
+from recbole_dccl.trainer.checkpoint import READINGS, load_safe, write_atomic
 from recbole_dccl.utils import get_model, get_trainer
 
 
@@ -44,6 +44,11 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
             reading = result[name]
             logger.info(set_color(f"{name} test result", "yellow") + f" (round {reading['round']} {reading['phase']}): {reading['test']}")
             logger.info(set_color(f"{name} test result by user group", "yellow") + "\n" + group_table(reading["test_groups"]))
+        for reading, saved_file in trainer.saved_files.items():
+            logger.info(
+                set_color(f"{reading} model", "blue")
+                + f" (round {saved_file['round']} {saved_file['phase']}) saved to {saved_file['path']}"
+            )
     else:
         best_valid_score, best_valid_result = trainer.fit(
             train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
@@ -106,19 +111,54 @@ DERIVED_KEYS = (
 TRAINING_FILE_KEYS = ("result_file", "cloud_checkpoint", "resume")
 
 
-def load_data_and_model(model_file, verbose=True):
+def load_data_and_model(model_file, verbose=True, reading=None):
     r"""RecBole's ``load_data_and_model`` for a checkpoint written through recbole_dccl (``saved/``, of DCCL or of
     any RecBole model), loaded with ``torch.load(weights_only=True)``: a file holding anything but tensors and
     plain values is refused before any of it runs.
 
-    A DCCL model comes in its device view, each user's rows scored with the user's metapatch; set
-    ``model.view = "cloud"`` for the cloud model. The checkpoint holds the phase that scored best in the device
-    view, so its cloud view is the cloud model of that phase. ``verbose=False`` logs errors only.
+    A DCCL run saves two models (:func:`read_checkpoint`): ``model_file`` names the run (either of its files),
+    ``reading`` picks the model, ``"deployed"`` (the default: the model after the last phase, what the cloud and
+    the devices run) or ``"selected"`` (the phase that scored best in the device view on valid). A DCCL model
+    comes in its device view, each user's rows scored with the user's metapatch; set ``model.view = "cloud"`` for
+    the cloud model of the same phase. ``verbose=False`` logs errors only.
 
     Returns:
         tuple: ``(config, model, dataset, train_data, valid_data, test_data)``, as RecBole's.
     """
-    checkpoint = load_safe(model_file, "model_file")
+    return load_from_checkpoint(*read_checkpoint(model_file, reading), verbose)
+
+
+def read_checkpoint(model_file, reading=None, key="model_file"):
+    """``(path, checkpoint)`` of the model ``reading`` of the run that wrote ``model_file`` (named by config
+    ``key`` in messages). A DCCL run's two files (trainer/checkpoint.py) each name the other; without ``reading``
+    the deployed model is read, since a deployment goes on from it: the devices cannot go back to an earlier
+    round. Any other checkpoint holds one model, and ``reading`` is refused for it."""
+    if reading is not None and reading not in READINGS:
+        raise InputError(f"reading: [{reading}] is not one of {', '.join(READINGS)}.")
+    checkpoint = load_safe(model_file, key)
+    written = checkpoint.get("reading")
+    if written is None:
+        if reading is not None:
+            model = checkpoint.get("config", {}).get("model")
+            raise InputError(
+                f"reading: [{reading}] applies to a DCCL run's checkpoints; [{model_file}] holds one model "
+                f"(model {model}, no readings): leave reading out."
+            )
+        return model_file, checkpoint
+    reading = reading or "deployed"
+    if reading == written:
+        return model_file, checkpoint
+    path = os.path.join(os.path.dirname(model_file), checkpoint["reading_files"][reading])
+    if not os.path.isfile(path):
+        raise InputError(
+            f"{key}: [{model_file}] is the {written} model of its run, and its {reading} model [{path}] is "
+            f"missing; put that file beside it, or read this one (reading: {written})."
+        )
+    return path, load_safe(path, key)
+
+
+def load_from_checkpoint(model_file, checkpoint, verbose=True):
+    """:func:`load_data_and_model` of ``checkpoint``, read from ``model_file``."""
     config = saved_config(model_file, checkpoint)
     dataset, (train_data, valid_data, test_data), model = prepare(config, verbose)
     model.load_state_dict(checkpoint["state_dict"])

@@ -4,10 +4,14 @@
 
 Users and items are named by their tokens in the dataset's files. Each item also shows its value of an item
 field of the dataset's ``.item`` file (``--item_field``; default: the file's first field after the item id, such
-as ml-100k's ``movie_title``). For a DCCL model each user's line gives the norm of the metapatch the device view
-runs and whether the device adopted its patch (its metapatch won on its held-out rows in the device phase); a
-plain RecBole model's checkpoint gives its one top-K. Items are ranked as RecBole's ``full_sort_topk`` ranks
-them, from each user's test-split input (for sequential models the history before the test item).
+as ml-100k's ``movie_title``). A DCCL run saved two models: ``--reading=deployed`` (the default), the model after
+the last phase, or ``--reading=selected``, the phase that scored best in the device view on valid
+(:func:`~recbole_dccl.quick_start.read_checkpoint`). For a DCCL model a first line names the reading and its
+phase and says how many devices adopted their patch, and each user's line gives the norm of the metapatch the
+device view runs and whether the device adopted its patch (it kept a nonzero metapatch, one that won on its
+held-out rows, in its last device phase before that phase); a plain RecBole model's checkpoint gives its one
+top-K. Items are ranked as RecBole's ``full_sort_topk`` ranks them, from each user's test-split input (for
+sequential models the history before the test item).
 """
 
 import argparse
@@ -20,7 +24,7 @@ from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.utils.case_study import full_sort_topk
 
 from recbole_dccl.errors import InputError
-from recbole_dccl.quick_start import load_data_and_model
+from recbole_dccl.quick_start import load_from_checkpoint, read_checkpoint
 
 
 def user_ids(dataset, tokens, test_data):
@@ -76,10 +80,23 @@ def top_items(model, users, test_data, k, config):
     return lists
 
 
-def recommend(model_file, user_tokens, k=10, item_field=None):
-    """Per user token, a dict: ``user``, ``top`` (``{view: [(item token, label), ...]}``) and for DCCL
-    ``metapatch_norm`` and ``adopted``."""
-    config, model, dataset, _, _, test_data = load_data_and_model(model_file, verbose=False)
+def adoption(checkpoint, model):
+    """What a DCCL checkpoint's devices run: its ``reading``, ``round`` and ``phase`` (``None`` for a checkpoint
+    that records none), the number of ``devices`` (users) and of those that ``adopted`` their patch."""
+    adopted = (model.uploaded_metapatch[1:] != 0).any(dim=1)  # row 0: RecBole's padding user
+    return {
+        **{key: checkpoint.get(key) for key in ("reading", "round", "phase")},
+        "devices": len(adopted),
+        "adopted": int(adopted.sum()),
+    }
+
+
+def recommend(model_file, user_tokens, k=10, item_field=None, reading=None):
+    """``(summary, rows)``: for a DCCL model its :func:`adoption` (``None`` for a plain model), and per user token
+    a dict: ``user``, ``top`` (``{view: [(item token, label), ...]}``) and for DCCL ``metapatch_norm`` and
+    ``adopted``. ``reading``: which model of a DCCL run (:func:`~recbole_dccl.quick_start.read_checkpoint`)."""
+    path, checkpoint = read_checkpoint(model_file, reading)
+    config, model, dataset, _, _, test_data = load_from_checkpoint(path, checkpoint, verbose=False)
     if k < 1 or k >= dataset.item_num:
         raise InputError(f"k: [{k}] must be an integer from 1 to {dataset.item_num - 1} (the dataset's items).")
     users = user_ids(dataset, user_tokens, test_data)
@@ -93,7 +110,20 @@ def recommend(model_file, user_tokens, k=10, item_field=None):
             row["metapatch_norm"] = float(model.metapatch[uid].norm())
             row["adopted"] = bool(torch.any(model.uploaded_metapatch[uid] != 0))
         rows.append(row)
-    return rows
+    return (adoption(checkpoint, model) if getattr(model, "is_dccl", False) else None), rows
+
+
+def format_summary(summary):
+    """The first line for a DCCL model: which model, and how many devices adopted their patch."""
+    model = "model"
+    if summary["reading"]:
+        model = f"{summary['reading']} model (round {summary['round']} {summary['phase']})"
+    line = f"{model}: {summary['adopted']} of {summary['devices']} devices adopted their patch"
+    if summary["round"] == 0:
+        line += "; no device phase had run, every device runs the cloud model"
+    elif summary["phase"] == "shared":
+        line += "; after step 2 every device runs the auxiliary encoder's metapatch"
+    return line
 
 
 def format_user(row, width=36):
@@ -117,18 +147,22 @@ def parse_users(text):
 
 
 def main(argv=None):
-    """The command line; a bad file, user, ``k`` or item field ends it with its message and status 2."""
+    """The command line; a bad file, reading, user, ``k`` or item field ends it with its message and status 2."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_file", required=True, help="a checkpoint written through recbole_dccl (saved/)")
     parser.add_argument("--users", required=True, help="user tokens separated by commas, e.g. 1,2,3")
     parser.add_argument("--k", type=int, default=10, help="items per list")
     parser.add_argument("--item_field", default=None, help="field of the .item file shown per item, or 'none'")
+    parser.add_argument("--reading", default=None, help="model of a DCCL run: deployed (default, the model after the "
+                        "last phase) or selected (the phase best on valid)")
     args = parser.parse_args(argv)
     try:
-        rows = recommend(args.model_file, parse_users(args.users), args.k, args.item_field)
+        summary, rows = recommend(args.model_file, parse_users(args.users), args.k, args.item_field, args.reading)
     except InputError as error:
         print(f"recommend: error: {error}", file=sys.stderr)
         return 2
+    if summary is not None:
+        print(format_summary(summary) + "\n")
     print("\n\n".join(format_user(row) for row in rows))
     return 0
 

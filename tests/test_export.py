@@ -7,7 +7,8 @@ import torch
 
 import recbole_dccl
 from recbole_dccl.errors import InputError
-from recbole_dccl.export import export, load_metapatch, user_file
+from recbole_dccl.export import export, load_metapatch, main, user_file
+from recbole_dccl.trainer.checkpoint import reading_files
 from tests.helpers import build
 
 
@@ -16,6 +17,9 @@ def test_exported_device_model_reproduces_device_scores(tiny_config, tmp_path):
     trainer.fit(train_data, valid_data, saved=True, test_data=test_data)
     out = str(tmp_path / "export")
     manifest = export(trainer.saved_model_file, out)
+    deployed = reading_files(trainer.saved_model_file)["deployed"]  # by default, what the devices run at the end
+    assert (manifest["checkpoint"], manifest["reading"]) == (os.path.abspath(deployed), "deployed")
+    model.load_state_dict(torch.load(deployed, weights_only=True)["state_dict"])
 
     program = torch.export.load(os.path.join(out, "device_model.pt2"))
     assert not any(name.startswith(("encoder", "metapatch", "uploaded")) for name in program.state_dict)  # W_f and Theta only
@@ -49,6 +53,15 @@ def test_export_refuses_a_checkpoint_of_another_model(tmp_path):
     torch.save({"config": {"model": "GRU4Rec"}, "state_dict": {}}, path)
     with pytest.raises(ValueError, match=r"checkpoint: .*gru.pth\] is not a DCCL checkpoint \(model: 'GRU4Rec'\)"):
         export(path, str(tmp_path / "out"))
+
+
+def test_export_refuses_a_bad_reading_with_status_2(tmp_path, capsys):
+    path = str(tmp_path / "gru.pth")
+    torch.save({"config": {"model": "GRU4Rec"}, "state_dict": {}}, path)
+    assert main([f"--checkpoint={path}", "--reading=best"]) == 2
+    assert "export: error: reading: [best] is not one of selected, deployed." in capsys.readouterr().err
+    assert main([f"--checkpoint={path}", "--reading=selected"]) == 2
+    assert "export: error: reading: [selected] applies to a DCCL run's checkpoints" in capsys.readouterr().err
 
 
 def test_export_refuses_an_unknown_format(tmp_path):

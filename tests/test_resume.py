@@ -18,7 +18,7 @@ from recbole_dccl.errors import InputError, NonFiniteLoss
 from recbole_dccl.model.dccl import DCCL
 from recbole_dccl.model.objectives import NextItemObjective
 from recbole_dccl.trainer import device_phase
-from recbole_dccl.trainer.checkpoint import load_safe
+from recbole_dccl.trainer.checkpoint import READINGS, load_safe, reading_files
 from recbole_dccl.trainer.resume import ResumedRun, run_state_file, run_state_files, save_run_state
 from tests.helpers import build
 
@@ -119,6 +119,27 @@ def test_run_resumed_after_a_crash_equals_the_uninterrupted_run(tiny_config, dev
     assert resumed.run_state_file != reference.run_state_file
     final, expected = (load_safe(trainer.run_state_file, "resume")["model"] for trainer in (resumed, reference))
     assert [name for name in expected if not torch.equal(final[name], expected[name])] == []
+    assert_same_saved_models(resumed, reference)
+
+
+def assert_same_saved_models(trainer, reference):
+    """``trainer`` saved both readings (:data:`READINGS`) as ``reference`` did, each in files of its own."""
+    for reading in READINGS:
+        path, expected_path = (reading_files(run.saved_model_file)[reading] for run in (trainer, reference))
+        assert path != expected_path
+        final, expected = (load_safe(file, "model_file")["state_dict"] for file in (path, expected_path))
+        assert [name for name in expected if not torch.equal(final[name], expected[name])] == [], reading
+
+
+def test_a_run_resumed_after_its_last_phase_saves_the_models_it_ended_with(tiny_config):
+    """Nothing is left to run, yet the deployed model is the one the file's run ended with."""
+    settings = {**tiny_config, "rounds": 1}
+    _, (train_data, valid_data, _), _, finished = build(settings)
+    finished.fit(train_data, valid_data, saved=True)
+    _, (train_data, valid_data, _), _, resumed = build({**settings, "resume": finished.run_state_file})
+    resumed.fit(train_data, valid_data, saved=True)
+    assert resumed.history == finished.history
+    assert_same_saved_models(resumed, finished)
 
 
 def crash_after_epoch(should_crash):

@@ -158,6 +158,7 @@ def test_device_method_patch_trains_per_user_patch_weights(tiny_config):
     dim, rank = tiny_config["hidden_size"], tiny_config["patch_rank"]
     assert model.metapatch.shape == (train_data.dataset.user_num, 2 * dim * rank)
     trainer.fit(train_data, valid_data, saved=False, test_data=test_data)
+    assert os.listdir(tiny_config["checkpoint_dir"]) == [] and trainer.saved_files == {}  # saved=False writes nothing
     assert phases(trainer.report) == [(0, "cloud"), (1, "device"), (1, "momodistill"), (1, "shared")]
     assert (model.uploaded_metapatch != 0).any(dim=1).sum() > 0  # some devices adopted their own patch
 

@@ -7,6 +7,11 @@ to a temporary name and renamed, so a crash never leaves a half-written checkpoi
 (``cloud_checkpoint``, ``resume``) goes through :func:`load_safe`: a file holding anything but tensors and plain
 values is refused before any of it runs. RecBole names a run's checkpoint by the second it started; ours add a
 random suffix, so that runs started within one second in one ``checkpoint_dir`` keep files of their own.
+
+A DCCL run ends with two models, its two *readings* (:data:`READINGS`): ``selected``, the phase that scored best in
+the device view on valid (RecBole's best-epoch convention), at RecBole's ``saved_model_file``; and ``deployed``, the
+model after the last phase, what the cloud and every device run once the rounds are over, beside it
+(:func:`reading_files`). Each file records its reading and names both files, so that either one leads to the other.
 """
 
 import enum
@@ -75,6 +80,15 @@ def check_identity(key, path, written, current):
         raise InputError(f"{key}: [{path}] was written with other settings (file value, this run): {differs}")
 
 
+READINGS = ("selected", "deployed")
+
+
+def reading_files(saved_model_file):
+    """``{reading: path}`` of a DCCL run's two models: ``selected`` at RecBole's ``saved_model_file``, ``deployed``
+    beside it as ``<same stem>-deployed.pth``."""
+    return {"selected": saved_model_file, "deployed": os.path.splitext(saved_model_file)[0] + "-deployed.pth"}
+
+
 def checkpoint_file(checkpoint_dir, model):
     """``<checkpoint_dir>/<model>-<time>-<suffix>.pth``: RecBole's name (the local time to the second) and 6 random
     hex digits (from the operating system, not from the seeded generators), different for every run."""
@@ -89,11 +103,9 @@ class SafeCheckpointMixin:
         super().__init__(config, model)
         self.saved_model_file = checkpoint_file(self.checkpoint_dir, config["model"])
 
-    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        if not is_main_process(self.config):  # RecBole's rule (local rank 0) would write once per machine
-            return
-        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        state = {
+    def _checkpoint(self, epoch):
+        """RecBole's checkpoint keys, of the model as it is now."""
+        return {
             "config": plain(self.config.final_config_dict),
             "epoch": epoch,
             "cur_step": self.cur_step,
@@ -102,7 +114,12 @@ class SafeCheckpointMixin:
             "other_parameter": self.model.other_parameter(),
             "optimizer": self.optimizer.state_dict(),
         }
-        save_atomic(state, saved_model_file)
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not is_main_process(self.config):  # RecBole's rule (local rank 0) would write once per machine
+            return
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        save_atomic(self._checkpoint(epoch), saved_model_file)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 

@@ -16,7 +16,9 @@ from recbole_dccl.distributed import (
 )
 from recbole_dccl.evaluation import UserGroupEvaluationMixin
 from recbole_dccl.errors import NonFiniteLoss
-from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, check_identity, load_safe, plain, save_atomic
+from recbole_dccl.trainer.checkpoint import (
+    SafeCheckpointMixin, check_identity, load_safe, plain, reading_files, save_atomic,
+)
 from recbole_dccl.trainer.cold_start import COLD_GROUP, cold_start_report, cold_start_table
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
@@ -39,6 +41,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self.resumed = self.resumed_round_0 = self.run_state_file = None
         self.report = None
         self.cold_start = None
+        self.saved_files = {}  # reading -> round, phase and path of the model file written
         self.verbose, self.show_progress = True, False
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None,
@@ -63,6 +66,10 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             self._phase(round_idx, "momodistill", lambda: self._momodistill(round_idx))
             if self.has_devices:
                 self._phase(round_idx, "shared", lambda: self._learn_shared_parameters(round_idx), changed=("device",))
+        if self.resumed is not None:  # the file's run had done every phase: it ended with the file's model
+            self.model.load_state_dict(self.resumed.state["model"])
+            self.resumed = None
+        deployed_state = copy.deepcopy(self.model.state_dict())
         if len(schedule.cold_users) and self.has_devices:
             self.cold_start = cold_start_report(self, schedule, self.config["seed"] + self.config["rounds"] + 1)
             self._log(cold_start_table(self.cold_start, self.valid_metric))
@@ -73,9 +80,28 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self.best_valid_score = best["device"]["score"]
         self.best_valid_result = best["device"]["valid"]
         if saved:
-            self._save_checkpoint(best["device"]["round"], verbose=verbose)
+            self._save_readings(best, deployed_state)
         self.report = self._report(best)
         return self.best_valid_score, self.best_valid_result
+
+    def _save_readings(self, best, deployed_state):
+        """Write the run's two models (:data:`~recbole_dccl.trainer.checkpoint.READINGS`) from the main process:
+        ``selected``, the model loaded now (the device view's best phase on valid), at RecBole's
+        ``saved_model_file``, which RecBole's ``evaluate(load_best_model=True)`` reads; and ``deployed``, the
+        ``deployed_state`` after the last phase, beside it. :attr:`saved_files` lists them for the end of the log."""
+        if not is_main_process(self.config):  # RecBole's rule (local rank 0) would write once per machine
+            return
+        files = reading_files(self.saved_model_file)
+        names = {reading: os.path.basename(path) for reading, path in files.items()}
+        models = {"selected": (best["device"], self.model.state_dict()),
+                  "deployed": (best["deployed_device"], deployed_state)}
+        for reading, (phase, state) in models.items():
+            checkpoint = {
+                **self._checkpoint(phase["round"]), "state_dict": state, "best_valid_score": float(phase["score"]),
+                "reading": reading, "round": phase["round"], "phase": phase["phase"], "reading_files": names,
+            }
+            save_atomic(checkpoint, files[reading])
+            self.saved_files[reading] = {"round": phase["round"], "phase": phase["phase"], "path": files[reading]}
 
     def _start_round(self, schedule, round_idx):
         """Set up round ``round_idx``: the users' visible history for the encoder, and the loader and row cache of
@@ -336,6 +362,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             "user_groups": self.eval_collector.groups.members(),
             "config": self._settings(),
             "phase_seconds": self.phase_seconds,
+            "saved_files": self.saved_files,
             **({"cold_start": self.cold_start} if self.cold_start else {}),
         }
 
