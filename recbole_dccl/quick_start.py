@@ -44,6 +44,7 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
             reading = result[name]
             logger.info(set_color(f"{name} test result", "yellow") + f" (round {reading['round']} {reading['phase']}): {reading['test']}")
             logger.info(set_color(f"{name} test result by user group", "yellow") + "\n" + group_table(reading["test_groups"]))
+        logger.info(summary_table(result, trainer.valid_metric))
         for reading, saved_file in trainer.saved_files.items():
             logger.info(
                 set_color(f"{reading} model", "blue")
@@ -71,6 +72,37 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
         write_result_file(config["result_file"], result)
         logger.info(set_color("results written to", "blue") + f": {config['result_file']}")
     return result
+
+
+# The rows of the summary at the end of a DCCL run's log: (label, key of the trainer's report).
+SUMMARY_ROWS = (
+    ("cloud-only", "cloud_only"),
+    ("DCCL cloud (selected)", "dccl_cloud"),
+    ("DCCL cloud (deployed)", "deployed_cloud"),
+    ("DCCL device (selected)", "dccl_device"),
+    ("DCCL device (deployed)", "deployed_device"),
+)
+
+
+def summary_table(result, metric, test_metrics=3):
+    """The end of a DCCL run's log, as plain text: per reading of :data:`SUMMARY_ROWS`, its round and phase, valid
+    ``metric``, the first ``test_metrics`` test metrics (``metric`` first) and the change of test ``metric``
+    against cloud-only."""
+    tested = [metric, *(name for name in result["cloud_only"]["test"] if name != metric)][:test_metrics]
+    base = result["cloud_only"]["test"][metric]
+    header = ["", "phase", f"valid {metric}", *(f"test {name}" for name in tested), "vs cloud-only"]
+    rows = [header]
+    for label, key in SUMMARY_ROWS:
+        reading = result[key]
+        change = f"{100 * (reading['test'][metric] / base - 1):+.1f}%" if base else "n/a"
+        values = [reading["valid"][metric], *(reading["test"][name] for name in tested)]
+        rows.append([label, f"round {reading['round']} {reading['phase']}", *(f"{value:.4f}" for value in values),
+                     "" if key == "cloud_only" else change])
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    align = lambda column, cell: cell.ljust(widths[column]) if column < 2 else cell.rjust(widths[column])
+    lines = ["  ".join(align(column, cell) for column, cell in enumerate(row)).rstrip() for row in rows]
+    title = f"summary (selected: the phase best on valid {metric}; deployed: the model after the last phase)"
+    return "\n".join([title, *lines])
 
 
 def prepare(config, verbose=True):

@@ -1,5 +1,7 @@
 import json
+import logging
 import os
+import re
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from recbole_dccl.data import RoundSchedule
 from recbole_dccl.errors import InputError
 from recbole_dccl.quick_start import run_recbole_dccl
+from recbole_dccl.trainer.checkpoint import reading_files
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch
 from tests.helpers import build
 
@@ -98,6 +101,34 @@ def test_end_to_end_writes_all_three_views(tiny_config, tmp_path, protocol):
         dccl_best = max(e[view]["valid"]["ndcg@10"] for e in written["history"] if e["round"] > 0)
         assert selection["best_dccl_phase"]["valid"] == dccl_best
         assert ("selection kept round 0" in selection["message"]) == (chosen["round"] == 0)
+
+
+def test_the_log_ends_with_the_summary_and_the_saved_models(tiny_config, caplog):
+    with caplog.at_level(logging.INFO):
+        result = run_recbole_dccl(model="DCCL", dataset="tiny", config_dict={**tiny_config, "rounds": 1})
+    *_, summary, selected, deployed = [re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()) for record in caplog.records]
+    title, header, *rows = summary.splitlines()
+    assert title == "summary (selected: the phase best on valid ndcg@10; deployed: the model after the last phase)"
+    assert re.split(r"\s{2,}", header.strip()) == [
+        "phase", "valid ndcg@10", "test ndcg@10", "test recall@10", "test mrr@10", "vs cloud-only",
+    ]
+    base = result["cloud_only"]["test"]["ndcg@10"]
+    labels = {"cloud_only": "cloud-only", "dccl_cloud": "DCCL cloud (selected)", "deployed_cloud": "DCCL cloud (deployed)",
+              "dccl_device": "DCCL device (selected)", "deployed_device": "DCCL device (deployed)"}
+    for row, (key, label) in zip(rows, labels.items(), strict=True):
+        reading = result[key]
+        change = "" if key == "cloud_only" else f"{100 * (reading['test']['ndcg@10'] / base - 1):+.1f}%"
+        expected = [label, f"round {reading['round']} {reading['phase']}", f"{reading['valid']['ndcg@10']:.4f}",
+                    *(f"{reading['test'][name]:.4f}" for name in ("ndcg@10", "recall@10", "mrr@10")), change]
+        assert re.split(r"\s{2,}", row.strip()) == [cell for cell in expected if cell]
+        assert len(row) == len(header) or key == "cloud_only"  # aligned: the change right-aligned under its head
+    files = reading_files(result["saved_files"]["selected"]["path"])
+    assert re.fullmatch(r"DCCL-.*-[0-9a-f]{6}\.pth", os.path.basename(files["selected"]))
+    for line, reading, key in ((selected, "selected", "dccl_device"), (deployed, "deployed", "deployed_device")):
+        where = {"round": result[key]["round"], "phase": result[key]["phase"]}
+        assert result["saved_files"][reading] == {**where, "path": files[reading]}
+        assert line == f"{reading} model (round {where['round']} {where['phase']}) saved to {files[reading]}"
+        assert os.path.dirname(files[reading]) == tiny_config["checkpoint_dir"] and os.path.isfile(files[reading])
 
 
 def phases(result):
