@@ -11,10 +11,13 @@ import os
 import platform
 import sys
 from logging import getLogger
+from types import SimpleNamespace
+from urllib.error import URLError
 
 import recbole
 import torch
 from recbole.data import create_dataset, data_preparation
+from recbole.data.dataset import Dataset
 from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_dccl.config import DCCLConfig
@@ -115,7 +118,7 @@ def prepare(config, verbose=True):
         logger.setLevel(logging.ERROR)
     logger.info(config)
 
-    dataset = create_dataset(config)
+    dataset = load_dataset(config)
     logger.info(dataset)
     loaders = data_preparation(config, dataset)
 
@@ -123,6 +126,26 @@ def prepare(config, verbose=True):
     model = get_model(config["model"])(config, loaders[0].dataset).to(config["device"])
     logger.info(model)
     return dataset, loaders, model
+
+
+def load_dataset(config):
+    """RecBole's ``create_dataset``. A dataset not under ``data_path`` is downloaded by RecBole (from
+    ``dataset_url`` or RecBole's address for its name); a download that cannot reach its address is refused with
+    what was looked for, where, and how to use local files instead."""
+    try:
+        return create_dataset(config)
+    except URLError as error:
+        name = config["dataset"]
+        folder = config["data_path"]  # RecBole's final data_path: the dataset's own folder
+        # The address RecBole tried: its own look-up (dataset_url first, download.py) on a stand-in for the dataset.
+        url = Dataset._get_download_url(SimpleNamespace(config=config, dataset_name=name, dataset_path=folder), "url")
+        raise InputError(
+            f"dataset: [{name}] is not in data_path (no [{os.path.join(folder, name + '.inter')}]) and RecBole's "
+            f"download of it from [{url}] failed: {error.reason}. Without network, put the dataset's atomic files "
+            f"({name}.inter, and .user/.item if any) in [{folder}], or point at local atomic files: "
+            f"--data_path=<folder holding {name}/> --config_files=<a YAML naming their fields, e.g. load_col>; "
+            "or name a reachable copy of the .zip with --dataset_url=..."
+        ) from None
 
 
 def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, nproc=1, world_size=-1,
