@@ -251,9 +251,11 @@ def test_short_run_on_ml_100k(tmp_path, monkeypatch):
 
 def test_devices_can_train_on_every_row_their_user_produced(tiny_config):
     settings = {**tiny_config, "rounds": 1, "device_data": "all", "device_epochs": 1}
-    config, (train_data, valid_data, test_data), model, trainer = build(settings)
-    trainer.fit(train_data, valid_data, saved=False, test_data=test_data)
+    config, (train_data, valid_data, test_data), _, trainer = build(settings)
+    trainer.fit(train_data, valid_data, saved=True, test_data=test_data)
     assert phases(trainer.report) == [(0, "cloud"), (1, "device"), (1, "momodistill"), (1, "shared")]
-    # every user trained on its round-0 rows too: each user's device has a metapatch of its own
-    assert (model.uploaded_metapatch[1:] != 0).any(dim=1).float().mean() > 0
+    # every user trained on its round-0 rows too: each user's device has a metapatch of its own (in the deployed
+    # model: selection on valid may keep round 0, where no device has one)
+    deployed = torch.load(reading_files(trainer.saved_model_file)["deployed"], weights_only=True)["state_dict"]
+    assert (deployed["uploaded_metapatch"][1:] != 0).any(dim=1).float().mean() > 0
     assert len(RoundSchedule(config, train_data).local_rows(1)) == len(train_data.dataset)
