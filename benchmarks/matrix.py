@@ -1,32 +1,33 @@
 """The results matrix of docs/results.md: every committed quality benchmark (``docs/results/<dataset>-<backbone>-
 <protocol>/summary.json``, written by ``benchmarks/quality.py``) as one column, every model as one row.
 
-    python benchmarks/matrix.py --tuned=all64 docs/results/foursquare_nyc-GRU4Rec-incremental ...
+    python benchmarks/matrix.py docs/results/foursquare_nyc-GRU4Rec-incremental ...
 
 Prints three markdown tables: test NDCG@10 (or ``--metric``, e.g. ``gauc`` for CTR backbones; mean over seeds) with the paired per-user gain over cloud-only and its
 95% interval; the same for the least-active fifth of users; the paired gain over the model-over-data cloud (deployed
-rows against its deployed model). ``--tuned``: the variant whose settings were chosen on validation.
+rows against its deployed model). ``--also``: more variants to show, each as the four rows of a DCCL variant.
 """
 
 import argparse
 import json
 import os
 
-ROWS = (  # (label, row name in summary.json; "{tuned}" is the --tuned variant)
+
+def variant_rows(variant, label):
+    """The four rows of DCCL variant ``variant``: each view as selected on valid and as deployed."""
+    return [(f"{label}, {view}, {reading}", f"{variant} {view}{suffix}")
+            for view in ("cloud", "device") for reading, suffix in (("selected", ""), ("deployed", " deployed"))]
+
+
+ROWS = (  # (label, row name in summary.json)
     ("Pop (global popularity)", "pop"),
     ("Frequency (user's own items)", "frequency"),
     ("RepeatNet", "repeatnet"),
     ("cloud only", "cloud-only"),
     ("model-over-data, selected", "data cloud"),
     ("model-over-data, deployed", "data cloud deployed"),
-    ("DCCL defaults, cloud, selected", "dccl cloud"),
-    ("DCCL defaults, cloud, deployed", "dccl cloud deployed"),
-    ("DCCL defaults, device, selected", "dccl device"),
-    ("DCCL defaults, device, deployed", "dccl device deployed"),
-    ("DCCL tuned, cloud, selected", "{tuned} cloud"),
-    ("DCCL tuned, cloud, deployed", "{tuned} cloud deployed"),
-    ("DCCL tuned, device, selected", "{tuned} device"),
-    ("DCCL tuned, device, deployed", "{tuned} device deployed"),
+    *variant_rows("dccl", "DCCL (defaults)"),
+    *variant_rows("v1", "DCCL (v1 defaults)"),
 )
 
 
@@ -48,7 +49,7 @@ def cell(summary, name, metric, scope):
     return percent(versus["all"][metric]) if versus else "—"
 
 
-def matrix(summaries, tuned, metric="ndcg@10"):
+def matrix(summaries, also=(), metric="ndcg@10"):
     titles = list(summaries)
     tables = []
     for scope, heading in (
@@ -57,8 +58,7 @@ def matrix(summaries, tuned, metric="ndcg@10"):
         ("versus_data", f"Paired gain in test {metric} over the model-over-data cloud [95% CI]"),
     ):
         lines = [f"**{heading}**", "", "| model | " + " | ".join(titles) + " |", "|---" * (len(titles) + 1) + "|"]
-        for label, name in ROWS:
-            name = name.format(tuned=tuned)
+        for label, name in [*ROWS, *(row for variant in also for row in variant_rows(variant, variant))]:
             values = [cell(summaries[title], name, metric, scope) for title in titles]
             if all(value == "not run" for value in values):
                 continue
@@ -70,7 +70,7 @@ def matrix(summaries, tuned, metric="ndcg@10"):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", help="quality.py --out folders holding summary.json")
-    parser.add_argument("--tuned", default="tuned", help="the variant chosen on validation")
+    parser.add_argument("--also", default="", help="more DCCL variants to show, comma-separated (e.g. all64b01)")
     parser.add_argument("--metric", default="ndcg@10", help="a per-user test metric of the summaries, e.g. gauc")
     args = parser.parse_args()
     summaries = {}
@@ -79,7 +79,7 @@ def main():
             summary = json.load(file)
         seeds = len(summary["seeds"])
         summaries[f"{os.path.basename(os.path.normpath(folder))} ({seeds} seed{'s' * (seeds > 1)})"] = summary
-    print(matrix(summaries, args.tuned, args.metric))
+    print(matrix(summaries, [variant for variant in args.also.split(",") if variant], args.metric))
 
 
 if __name__ == "__main__":

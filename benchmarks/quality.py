@@ -26,11 +26,14 @@ import sys
 
 import numpy as np
 
+from recbole_dccl.defaults import dccl_defaults
 from recbole_dccl.trainer.resume import run_state_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
-    "dccl": {},  # metapatch devices + MoMoDistill
+    "dccl": {},  # metapatch devices + MoMoDistill, with the shipped defaults (properties/model/DCCL.yaml)
+    # The defaults before issue 33 (docs/method.md, "How the defaults were chosen"): the cells run with them.
+    "v1": {"device_data": "fresh", "metapatch_dim": 16, "device_learning_rate": 0.1, "device_epochs": 20},
     "data": {"device_method": "none", "cloud_method": "data"},  # model-over-data: incremental training, no devices
     "patch": {"device_method": "patch"},  # a full per-user patch instead of a metapatch
     "selfdistill": {"device_method": "none"},  # MoMoDistill's loss with the cloud model as every device's teacher
@@ -39,6 +42,10 @@ VARIANTS = {
     "frequency": {"model": "Frequency", "frequency_scope": "user", "epochs": 1},  # each user's own items by count
     "repeatnet": {"model": "RepeatNet"},  # RecBole's repeat-aware sequential model, the round-0 budget
 }
+# What the benchmark of a folder measures (its data protocol and backbone), as opposed to the method's settings, and
+# where a cell's files went: the keys of DCCL.yaml a variant's recorded settings leave out.
+BENCHMARK_KEYS = ("backbone", "protocol", "fresh_interactions", "rounds", "cold_start_ratio",
+                  "cloud_checkpoint", "resume", "result_file")
 RANKING_METRICS = ("ndcg@10", "hit@10", "gauc")  # gauc: sampled ranking (uniN) of CTR backbones
 BOOTSTRAP_SAMPLES = 2000
 
@@ -229,10 +236,21 @@ def summarise(cells, variants, seeds):
             }
         summary["rows"][name] = row
     dccl = dccl_variants(cells, variants, seeds)
+    summary["settings"] = {variant: variant_settings(cells, variant, seeds) for variant in dccl}
     summary["rounds"] = round_curves(cells, dccl, seeds, metrics[0])
     summary["by_rounds"] = by_rounds(cells, dccl, seeds, metrics[0])
     summary["cold_start"] = cold_start_rows(cells, variants, seeds, metrics)
     return summary
+
+
+def variant_settings(cells, variant, seeds):
+    """The DCCL settings ``variant``'s cells ran with (the keys of DCCL.yaml but :data:`BENCHMARK_KEYS`), the same
+    in every seed: what the variant's name stands for in this folder."""
+    method_keys = [key for key in dccl_defaults() if key not in BENCHMARK_KEYS]
+    per_seed = [{key: cells[variant, seed]["config"][key] for key in method_keys} for seed in seeds]
+    if any(settings != per_seed[0] for settings in per_seed[1:]):
+        raise ValueError(f"the cells of {variant} ran with different settings in different seeds: {per_seed}")
+    return per_seed[0]
 
 
 def round_curves(cells, variants, seeds, metric):

@@ -1,12 +1,14 @@
 """benchmarks/quality.py: its report on hand-made result files (paired gains, intervals, tables and plots), and how
 it runs and resumes a cell."""
 
+import glob
 import json
 import os
 
 import numpy as np
 import pytest
 
+from recbole_dccl.defaults import dccl_defaults
 from tests.helpers import benchmark_module
 
 quality = benchmark_module("quality")
@@ -32,7 +34,7 @@ def cell(cloud_only, cloud, device, device_method="metapatch", deployed_cloud=No
                {"round": 1, "phase": "momodistill", "cloud": cloud, "device": device}]
     return {"cloud_only": cloud_only, "dccl_cloud": cloud, "dccl_device": device, "deployed_cloud": deployed_cloud or cloud,
             "deployed_device": device, "history": history, "user_groups": GROUPS,
-            "config": {"device_method": device_method}}
+            "config": {**dccl_defaults(), "device_method": device_method}}
 
 
 def plain_cell(values):
@@ -104,12 +106,31 @@ def test_results_matrix_reads_the_summaries(cells):
     with open(os.path.join(cells, "summary.json")) as file:
         summary = json.load(file)
     matrix = benchmark_module("matrix")
-    tables = matrix.matrix({"toy": summary}, tuned="tuned", metric="hit@10")
+    tables = matrix.matrix({"toy": summary}, metric="hit@10")
     assert "**Test hit@10, mean over seeds" in tables
     assert "| Frequency (user's own items) | " in tables and "(+100.0% [+100.0, +100.0])" in tables
-    assert "| DCCL defaults, device, selected | " in tables and "DCCL tuned" not in tables  # no such variant: no row
+    assert "| DCCL (defaults), device, selected | " in tables and "v1 defaults" not in tables  # no such variant: no row
+    assert "| data, cloud, deployed | " in matrix.matrix({"toy": summary}, also=["data"], metric="hit@10")
     least_active = tables.split("**Least-active fifth")[1].split("**Paired gain")[0]
     assert "(+50.0% [+50.0, +50.0])" in least_active  # dccl device on G1, the first group
+
+
+def test_the_dccl_variant_is_the_shipped_defaults_in_every_committed_folder():
+    """``dccl`` means the YAML defaults, in quality.py and in every committed folder's cells; ``v1`` means the old
+    defaults there. A change of a default without running its folders again fails here."""
+    method_defaults = {key: value for key, value in dccl_defaults().items() if key not in quality.BENCHMARK_KEYS}
+    expected = {name: {**method_defaults, **quality.VARIANTS[name]} for name in ("dccl", "v1")}
+    assert quality.VARIANTS["dccl"] == {}
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results")
+    folders = sorted(glob.glob(os.path.join(root, "*", "summary.json")))
+    assert len(folders) >= 13
+    for path in folders:
+        with open(path) as file:
+            settings = json.load(file)["settings"]
+        assert "v1" in settings, path
+        for name in ("dccl", "v1"):
+            if name in settings:
+                assert settings[name] == expected[name], (path, name)
 
 
 def test_reported_metrics_by_kind_of_evaluation():
