@@ -1,13 +1,16 @@
 """Device-phase benchmark: the batched device phase against the per-user reference loop, on the same model and data.
 
     python benchmarks/device_phase.py --dataset=ml-100k --json=out.json
+    python benchmarks/device_phase.py --dataset=foursquare_nyc --data_path=../shared/data \
+        --config_files=../shared/data/foursquare_nyc/foursquare_nyc.yaml --protocols=incremental --json=fsq.json
     python benchmarks/device_phase.py --dataset=synthetic-ml-1m --json=ml1m.json       # generated on first use
     python benchmarks/device_phase.py --scale=10000,100000,1000000 --json=scale.json   # device phase only
 
-For each case: the batched device phase (``personalise``) on every device, the reference loop
-(``personalise_one_by_one``) on a random sample of ``--loop_users`` devices, its time extrapolated to all devices
-(the mean time per device times the number of devices; ``loop_extrapolated`` says so), and the largest difference
-between the two on the sampled devices. ``device_phase_gflop`` is the work the device phase needs: the one frozen
+For each case: the batched device phase (``personalise``) of round 1 on every device, on the rows DCCL's settings
+give it (``device_data`` and ``device_epochs`` as shipped unless ``--device_data``/``--device_epochs`` say), the
+reference loop (``personalise_one_by_one``) on a random sample of ``--loop_users`` devices, its time extrapolated
+to all devices (the mean time per device times the number of devices; ``loop_extrapolated`` says so), and the
+largest difference between the two on the sampled devices. ``device_phase_gflop`` is the work the device phase needs: the one frozen
 forward pass per round that fills the site cache (``site_cache_gflop``, counted by torch's ``FlopCounterMode`` on a
 few rows and scaled to all) plus the per-epoch math (``per_epoch_gflop``, counted analytically: the patch and the
 item scoring, forward and the backward the metapatch needs, and the local validation passes);
@@ -178,13 +181,21 @@ def plain_epoch(model, trainer, train_data, max_batches):
     }
 
 
+def device_overrides(args):
+    """The device settings given on the command line; the others are DCCL's defaults."""
+    return {key: value for key, value in (("device_epochs", args.device_epochs), ("device_data", args.device_data))
+            if value is not None}
+
+
 def recbole_case(args, backbone, protocol):
     """DCCL over ``backbone`` on a RecBole dataset, the local data of round 1 of ``protocol``; also the model's
     trainer and training data."""
     config_dict = {
         "backbone": backbone, "protocol": protocol, "MAX_ITEM_LIST_LENGTH": args.max_len, "show_progress": False,
-        "device_epochs": args.device_epochs, "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+        **device_overrides(args),
     }
+    if not args.config_files:
+        config_dict["load_col"] = {"inter": ["user_id", "item_id", "timestamp"]}
     if args.dataset in SYNTHETIC:
         folder = args.data_path or os.path.join(tempfile.gettempdir(), "recbole_dccl_synthetic")
         if not os.path.isfile(os.path.join(folder, args.dataset, f"{args.dataset}.inter")):
@@ -192,10 +203,11 @@ def recbole_case(args, backbone, protocol):
         config_dict["data_path"] = folder
     elif args.data_path:
         config_dict["data_path"] = args.data_path
-    config, (train_data, _, _), model, trainer = build(config_dict, dataset=args.dataset)
+    config_files = args.config_files.split() if args.config_files else None
+    config, (train_data, _, _), model, trainer = build(config_dict, dataset=args.dataset, config_file_list=config_files)
     schedule = RoundSchedule(config, train_data)
     settings = DeviceSettings(config)
-    local = LocalData.from_rows(schedule.training_rows(schedule.device_rows(1), 1), settings.valid_size, config["device"])
+    local = LocalData.from_rows(schedule.training_rows(schedule.local_rows(1), 1), settings.valid_size, config["device"])
     return model, local, settings, trainer, train_data
 
 
@@ -234,7 +246,7 @@ def build_scale_model(args):
     folder = shape_dataset(tempfile.mkdtemp(), args.scale_items)
     config_dict = {
         "backbone": "GRU4Rec", "data_path": folder, "embedding_size": args.scale_dim, "hidden_size": args.scale_dim,
-        "MAX_ITEM_LIST_LENGTH": args.max_len, "device_epochs": args.device_epochs, "show_progress": False,
+        "MAX_ITEM_LIST_LENGTH": args.max_len, "show_progress": False, **device_overrides(args),
         "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
     }
     config, (train_data, _, _), model, _ = build(config_dict, dataset="shape")
@@ -260,7 +272,9 @@ def main():
     parser.add_argument("--data_path", default=None)
     parser.add_argument("--backbones", default="GRU4Rec,SASRec")
     parser.add_argument("--protocols", default="incremental,static")
-    parser.add_argument("--device_epochs", type=int, default=3, help="3, as the issue's reference figures")
+    parser.add_argument("--config_files", default=None, help="RecBole config files, space-separated")
+    parser.add_argument("--device_epochs", type=int, default=None, help="default: DCCL's (properties/model/DCCL.yaml)")
+    parser.add_argument("--device_data", default=None, choices=("fresh", "all"), help="default: DCCL's")
     parser.add_argument("--max_len", type=int, default=20, help="MAX_ITEM_LIST_LENGTH")
     parser.add_argument("--loop_users", type=int, default=50, help="devices the reference loop is timed on")
     parser.add_argument("--repeats", type=int, default=1, help="batched runs per case; the best is reported")
