@@ -3,14 +3,18 @@
 
     python benchmarks/matrix.py docs/results/foursquare_nyc-GRU4Rec-incremental ...
 
-Prints three markdown tables: test NDCG@10 (or ``--metric``, e.g. ``gauc`` for CTR backbones; mean over seeds) with the paired per-user gain over cloud-only and its
-95% interval; the same for the least-active fifth of users; the paired gain over the model-over-data cloud (deployed
-rows against its deployed model). ``--also``: more variants to show, each as the four rows of a DCCL variant.
+Prints markdown tables: test NDCG@10 (or ``--metric``, e.g. ``gauc`` for CTR backbones; mean over seeds) with the
+paired per-user gain over cloud-only and its 95% interval; the same for the least-active fifth of users, and for
+repeat and explore targets (where the summaries have target types); the paired gain over the model-over-data cloud
+(deployed rows against its deployed model). ``--also``: more variants to show, each as the four rows of a DCCL
+variant.
 """
 
 import argparse
 import json
 import os
+
+TYPES = ("repeat", "explore")  # quality.py's target types
 
 
 def variant_rows(variant, label):
@@ -45,6 +49,11 @@ def cell(summary, name, metric, scope):
     if scope == "least_active":
         group = row["groups"][summary["groups"][0]]
         return f"{group['test'][metric]['mean']:.4f} ({percent(group['paired_gain'][metric])})"
+    if scope in TYPES:
+        if scope not in row.get("types", {}):
+            return "not typed"
+        typed = row["types"][scope]
+        return f"{typed['test'][metric]['mean']:.4f} ({percent(typed['paired_gain'][metric])})"
     versus = row.get("paired_gain_vs_data")
     return percent(versus["all"][metric]) if versus else "—"
 
@@ -55,15 +64,17 @@ def matrix(summaries, also=(), metric="ndcg@10"):
     for scope, heading in (
         ("all", f"Test {metric}, mean over seeds (paired per-user gain over cloud-only [95% CI])"),
         ("least_active", f"Least-active fifth of users: test {metric} (gain over cloud-only [95% CI])"),
+        *((kind, f"{kind.capitalize()} targets: test {metric} (gain over cloud-only [95% CI])") for kind in TYPES),
         ("versus_data", f"Paired gain in test {metric} over the model-over-data cloud [95% CI]"),
     ):
         lines = [f"**{heading}**", "", "| model | " + " | ".join(titles) + " |", "|---" * (len(titles) + 1) + "|"]
         for label, name in [*ROWS, *(row for variant in also for row in variant_rows(variant, variant))]:
             values = [cell(summaries[title], name, metric, scope) for title in titles]
-            if all(value == "not run" for value in values):
+            if all(value in ("not run", "not typed") for value in values):
                 continue
             lines.append(f"| {label} | " + " | ".join(values) + " |")
-        tables.append("\n".join(lines))
+        if len(lines) > 4:  # a table with no row (no summary has target types) is left out
+            tables.append("\n".join(lines))
     return "\n\n".join(tables) + "\n"
 
 

@@ -12,9 +12,10 @@ variant is compared with the cloud-only model of its own seed user by user (a ce
 from its seed's other cells started from another round 0 and is refused). Extra ``--key=value`` arguments go to
 every run.
 
-Writes to ``--out``: ``summary.json``, ``summary.md`` (mean ± std over seeds, overall and per user group, and the
-paired per-user gain over cloud-only with a 95% bootstrap confidence interval), ``groups.png`` (per-group test
-NDCG@10) and ``rounds.png`` (test NDCG@10 of both views after every phase).
+Writes to ``--out``: ``summary.json``, ``summary.md`` (mean ± std over seeds, overall, per user group and per target
+type, and the paired per-user gain over cloud-only with a 95% bootstrap confidence interval), ``groups.png``
+(per-group test NDCG@10), ``types.png`` (per target type: repeat or explore, where the cells hold each user's type)
+and ``rounds.png`` (test NDCG@10 of both views after every phase).
 """
 
 import argparse
@@ -47,6 +48,7 @@ VARIANTS = {
 BENCHMARK_KEYS = ("backbone", "protocol", "fresh_interactions", "rounds", "cold_start_ratio",
                   "cloud_checkpoint", "resume", "result_file")
 RANKING_METRICS = ("ndcg@10", "hit@10", "gauc")  # gauc: sampled ranking (uniN) of CTR backbones
+SHARE = "repeat_share@10"  # the share of the users' own items in their top 10 (runs with target_types)
 BOOTSTRAP_SAMPLES = 2000
 
 
@@ -207,13 +209,43 @@ def gain_over(results, baselines, metric, members=None, group=None):
     return paired_gain(results, baselines, metric, users)
 
 
+TYPES = ("repeat", "explore")
+
+
+def type_members(rows, seeds):
+    """Per seed ``{target type: users}``, from the per-user types of the first row whose results name them (a
+    run with ``target_types``; a user's type depends on the data alone, so every row of a seed agrees), or ``None``
+    where no row of some seed does."""
+    members = []
+    for index in range(len(seeds)):
+        typed = next((results[index]["test_users"] for results in rows.values()
+                      if "type" in results[index].get("test_users", {})), None)
+        if typed is None:
+            return None
+        members.append({kind: [user for user, of in zip(typed["users"], typed["type"]) if of == kind] for kind in TYPES})
+    return members
+
+
+def type_mean(results, metric, members, kind):
+    """Mean over seeds (± std) of each seed's mean per-user ``metric`` over the users of target type ``kind``."""
+    means = []
+    for result, seed_members in zip(results, members):
+        values = dict(zip(result["test_users"]["users"], result["test_users"][metric]))
+        means.append(float(np.nanmean([values[user] for user in seed_members[kind] if user in values])))
+    return mean_std(means)
+
+
 def summarise(cells, variants, seeds):
     rows = model_rows(cells, variants, seeds)
     baselines = rows["cloud-only"]
     metrics = reported_metrics(baselines[0]["test"])
     group_names = list(baselines[0]["test_groups"])
     members = [cells[variants[0], seed]["user_groups"] for seed in seeds]  # groups depend on the data alone
+    types = type_members(rows, seeds)
+    per_user = [metric for metric in metrics if all(metric in r.get("test_users", {}) for r in baselines)]
     summary = {"seeds": seeds, "variants": variants, "metrics": metrics, "groups": group_names, "rows": {}}
+    if types:
+        summary["types"] = {kind: [len(seed_members[kind]) for seed_members in types] for kind in TYPES}
     for name, results in rows.items():
         row = {
             split: {metric: mean_std([result[split][metric] for result in results]) for metric in metrics}
@@ -226,6 +258,17 @@ def summarise(cells, variants, seeds):
                 "test": {metric: mean_std([result["test_groups"][group][metric] for result in results]) for metric in metrics},
                 "paired_gain": {metric: gain_over(results, baselines, metric, members, group) for metric in metrics},
             }
+        if types and all("test_users" in result for result in results):
+            row["types"] = {
+                kind: {
+                    "test": {metric: type_mean(results, metric, types, kind) for metric in per_user},
+                    "paired_gain": {metric: gain_over(results, baselines, metric, types, kind) for metric in per_user},
+                }
+                for kind in TYPES
+            }
+        share = [result["test"].get(SHARE) for result in results]
+        if all(value is not None for value in share):
+            row[SHARE] = mean_std(share)
         # The second baseline: the model-over-data cloud of the same seed, read as the row is (deployed rows against
         # its deployed model, every other row against its selected one).
         versus = "data cloud deployed" if name.endswith(" deployed") and "data cloud deployed" in rows else "data cloud"
@@ -351,6 +394,18 @@ def markdown(summary):
             for group in summary["groups"]
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    typed = {name: row for name, row in summary["rows"].items() if "types" in row}
+    if typed:
+        counts = ", ".join(f"{kind} {sum(summary['types'][kind])}" for kind in TYPES)
+        lines += ["", f"Test {main} by target type (repeat: an item the user has in the training data; explore: a new "
+                  f"one; test targets over all seeds: {counts}), gain vs cloud-only; the share of the users' own "
+                  "items in their top 10:", "",
+                  "| model | " + " | ".join(TYPES) + f" | {SHARE} |", "|---" * (len(TYPES) + 2) + "|"]
+        for name, row in typed.items():
+            values = [f"{row['types'][kind]['test'][main]['mean']:.4f} ({gain(row['types'][kind]['paired_gain'][main])})"
+                      for kind in TYPES]
+            share = fmt(row[SHARE]) if SHARE in row else "—"
+            lines.append(f"| {name} | " + " | ".join(values) + f" | {share} |")
     if any(len(table) > 1 for table in summary["by_rounds"].values()):
         lines += ["", f"Test {main} (mean over seeds) after R rounds: selected on valid among the phases so far / "
                   "deployed at the end of round R:", "", "| model | R | cloud selected | cloud deployed | "
@@ -375,24 +430,19 @@ def markdown(summary):
 
 
 def plot(summary, out):
-    """``groups.png``: per-group test metric (NDCG@10, or AUC for CTR) of every row; ``rounds.png``: the same after
-    every phase."""
+    """``groups.png``: per-group test metric (NDCG@10, or AUC for CTR) of every row; ``types.png``: the same per
+    target type (runs with ``target_types``); ``rounds.png``: the same after every phase."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    groups, rows, main = summary["groups"], summary["rows"], summary["metrics"][0]
-    figure, axes = pyplot.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
-    width = 0.8 / len(rows)
-    for index, (name, row) in enumerate(rows.items()):
-        means = [row["groups"][group]["test"][main]["mean"] for group in groups]
-        stds = [row["groups"][group]["test"][main]["std"] for group in groups]
-        positions = np.arange(len(groups)) + (index - (len(rows) - 1) / 2) * width
-        axes.bar(positions, means, width, yerr=stds, label=name, capsize=2)
-    axes.set_xticks(np.arange(len(groups)), [group.replace(" ", "\n", 1) for group in groups])
-    save_figure(figure, axes, "user group (training interactions, least active first)",
-                f"test {main} (mean ± std over seeds)", os.path.join(out, "groups.png"))
+    main = summary["metrics"][0]
+    bars(summary["rows"], "groups", summary["groups"], main, "user group (training interactions, least active first)",
+         os.path.join(out, "groups.png"))
+    typed = {name: row for name, row in summary["rows"].items() if "types" in row}
+    if typed:
+        bars(typed, "types", list(TYPES), main, "target type", os.path.join(out, "types.png"))
 
     figure, axes = pyplot.subplots(figsize=(7, 4))
     # Variants without devices skip phases: place every point at its phase's position in the longest run.
@@ -404,6 +454,21 @@ def plot(summary, out):
             axes.plot(steps, curve["device"], marker="s", linestyle="--", label=f"{variant} device")
     axes.set_xticks(np.arange(len(longest)), longest, rotation=30, fontsize="small")
     save_figure(figure, axes, "round:phase", f"test {main} (mean over seeds)", os.path.join(out, "rounds.png"))
+
+
+def bars(rows, part, names, metric, xlabel, path):
+    """One bar per row and each of ``names`` in ``row[part]``: its test ``metric``, mean ± std over seeds."""
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(max(6, 1.6 * len(names)), 4))
+    width = 0.8 / len(rows)
+    for index, (name, row) in enumerate(rows.items()):
+        means = [row[part][key]["test"][metric]["mean"] for key in names]
+        stds = [row[part][key]["test"][metric]["std"] for key in names]
+        positions = np.arange(len(names)) + (index - (len(rows) - 1) / 2) * width
+        axes.bar(positions, means, width, yerr=stds, label=name, capsize=2)
+    axes.set_xticks(np.arange(len(names)), [key.replace(" ", "\n", 1) for key in names])
+    save_figure(figure, axes, xlabel, f"test {metric} (mean ± std over seeds)", path)
 
 
 def save_figure(figure, axes, xlabel, ylabel, path):

@@ -13,6 +13,13 @@ In a distributed run each rank evaluates its share of the rows; the collector ga
 RecBole's evaluator runs, so every metric (overall and per group) is the one-process metric, on every rank.
 RecBole's own merge (``_map_reduce``, a mean of the ranks' metrics weighted by their number of batches) is skipped.
 
+With ``target_types`` every metric is also reported by the type of each evaluated item, beside the groups:
+``repeat`` (the item is one the user has in the training data: what the cloud has trained on by the end of a round
+and what a device holds with ``device_data: all``) and ``explore`` (an item new to the user); a row holding several
+evaluated items of both types is ``mixed``. Ranking evaluation also reports ``repeat_share@K``: the share of the
+users' own items among their top-K (K the largest ``topk``). On data where users come back to their items, repeat
+targets are what per-user counting solves and explore targets are where models differ (docs/method.md).
+
 Labeled evaluation also reports ``gauc``, overall and per group: RecBole's GAUC is a ranking metric that cannot
 run next to AUC and LogLoss, so :func:`labeled_gauc` ranks each user's own labeled rows as RecBole's collector
 ranks a full-sort row and hands them to RecBole's ``GAUC`` formula.
@@ -46,8 +53,13 @@ USER_ROWS = "data.uid"
 # evaluated row how many of them are its own.
 SAMPLED_SCORE, SAMPLED_LABEL, SAMPLED_COUNT = "data.sampled_score", "data.sampled_label", "data.sampled_count"
 SAMPLED_KEYS = (SAMPLED_SCORE, SAMPLED_LABEL)
-# What the collector gathers per evaluated row (RecBole's per-evaluation keys, and the rows' users).
-ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", USER_ROWS, SAMPLED_COUNT)
+# Per evaluated row: its target type (TYPES' index; -1 mixed) and, for ranking, how many of its top-K are the user's own.
+TARGET_TYPE, TOPK_OWN = "data.target_type", "data.topk_own"
+TYPES = ("explore", "repeat")
+# What the collector gathers per evaluated row (RecBole's per-evaluation keys, the rows' users and target types).
+ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", USER_ROWS, SAMPLED_COUNT, TARGET_TYPE,
+            TOPK_OWN)
+OWN_KEYS = (USER_ROWS, SAMPLED_COUNT, *SAMPLED_KEYS, TARGET_TYPE, TOPK_OWN)  # ours, not RecBole's
 
 
 class UserGroups:
@@ -100,20 +112,59 @@ class UserGroups:
         row_group = self.group_of_user[users]
         masks = {name: row_group == index for index, name in enumerate(self.names)}
         masks.update({name: member[users] for name, member in self.extra.items()})
-        results = {}
-        for name, mask in masks.items():
-            if not bool(mask.any()):
-                continue
-            part = DataStruct()
-            for key, value in struct._data_dict.items():
-                if key in SAMPLED_KEYS:
-                    part[key] = value[torch.repeat_interleave(mask, struct[SAMPLED_COUNT])]
-                    continue
-                rows_aligned = isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == len(users)
-                part[key] = value[mask] if rows_aligned else value
-            metrics = {**evaluator.evaluate(part), **extra_metrics(part, evaluator.config)}
-            results[name] = {"users": int(torch.unique(users[mask]).numel()), **rounded(metrics, evaluator.config)}
-        return results
+        return evaluate_parts(evaluator, struct, masks)
+
+
+def evaluate_types(evaluator, struct):
+    """``{'explore': {...}, 'repeat': {...}}`` (and ``mixed`` where a row holds targets of both types), as
+    :meth:`UserGroups.evaluate` gives per group; ``{}`` where the collector did not label the rows."""
+    if TARGET_TYPE not in struct:
+        return {}
+    masks = {name: struct[TARGET_TYPE] == index for index, name in enumerate(TYPES)}
+    masks["mixed"] = struct[TARGET_TYPE] < 0
+    return evaluate_parts(evaluator, struct, masks)
+
+
+def evaluate_parts(evaluator, struct, masks):
+    """:func:`evaluate_rows` for each non-empty mask of ``{name: row mask}``."""
+    return {name: evaluate_rows(evaluator, struct, mask) for name, mask in masks.items() if bool(mask.any())}
+
+
+def evaluate_rows(evaluator, struct, mask):
+    """``{'users': n, metric: value, ...}``: RecBole's evaluator (and :func:`extra_metrics`) on the rows of
+    ``struct`` that ``mask`` keeps."""
+    users = struct[USER_ROWS]
+    part = DataStruct()
+    for key, value in struct._data_dict.items():
+        if key in SAMPLED_KEYS:
+            part[key] = value[torch.repeat_interleave(mask, struct[SAMPLED_COUNT])]
+            continue
+        rows_aligned = isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == len(users)
+        part[key] = value[mask] if rows_aligned else value
+    metrics = {**evaluator.evaluate(part), **extra_metrics(part, evaluator.config)}
+    return {"users": int(torch.unique(users[mask]).numel()), **rounded(metrics, evaluator.config)}
+
+
+class UserItems:
+    """Which items each user has in the training data (its rows' items, and for sequential data the items of their
+    histories, where a user's first item appears only): what tells a repeat target from an explore one."""
+
+    def __init__(self, train_dataset):
+        features = train_dataset.inter_feat
+        users, items = features[train_dataset.uid_field], features[train_dataset.iid_field]
+        list_field = train_dataset.iid_field + train_dataset.config["LIST_SUFFIX"]
+        if list_field in features:
+            history = features[list_field]
+            users = torch.cat([users, users[:, None].expand_as(history)[history > 0]])
+            items = torch.cat([items, history[history > 0]])
+        self.n_items = train_dataset.item_num
+        self.keys = torch.unique(users.long() * self.n_items + items.long())  # sorted
+
+    def holds(self, users, items):
+        """Whether each user (broadcast against ``items``) has the item."""
+        keys = users.long() * self.n_items + items.long()
+        index = torch.searchsorted(self.keys, keys).clamp(max=len(self.keys) - 1)
+        return self.keys[index] == keys
 
 
 def per_user_metrics(evaluator, struct):
@@ -130,7 +181,10 @@ def per_user_metrics(evaluator, struct):
             result.update({f"{name}@{k}": values[:, k - 1].tolist() for k in metric.topk})
         elif isinstance(metric, GAUC):
             result[name] = per_user_auc(struct["rec.meanrank"]).tolist()
-    return {"users": struct[USER_ROWS].tolist(), **result} if result else {}
+    if not result:
+        return {}
+    types = {"type": [TYPES[t] if t >= 0 else "mixed" for t in struct[TARGET_TYPE].tolist()]} if TARGET_TYPE in struct else {}
+    return {"users": struct[USER_ROWS].tolist(), **result, **types}
 
 
 def per_user_auc(meanrank):
@@ -152,8 +206,17 @@ def rounded(metrics, config):
 
 def extra_metrics(struct, config):
     """What the plugin adds to RecBole's metrics: labeled evaluation's ``gauc``, sampled ranking's
-    ``sampled_auc`` and ``sampled_logloss``."""
-    return {**labeled_gauc(struct, config), **sampled_labeled_metrics(struct, config)}
+    ``sampled_auc`` and ``sampled_logloss``, ranking's ``repeat_share@K``."""
+    return {**labeled_gauc(struct, config), **sampled_labeled_metrics(struct, config), **own_item_share(struct, config)}
+
+
+def own_item_share(struct, config):
+    """``{'repeat_share@K': share}`` where the collector counted each ranked row's own items among its top K (K the
+    largest ``topk``): the share of the users' top-K lists that are items they already have."""
+    if TOPK_OWN not in struct:
+        return {}
+    k = max(config["topk"])
+    return rounded({f"repeat_share@{k}": struct[TOPK_OWN].double().mean() / k}, config)
 
 
 def sampled_labeled_metrics(struct, config):
@@ -238,13 +301,19 @@ class UserGroupCollector(Collector):
         super().__init__(config)
         self.uid_field = config["USER_ID_FIELD"]
         self.group_spec = config["user_groups"]
+        if not isinstance(config["target_types"], bool):
+            raise InputError(f"target_types: [{config['target_types']!r}] must be True or False.")
         self.groups = None
+        self.user_items = None  # with target_types
+        self.batch_users = None  # sampled ranking: the user of each score row of the batch being collected
         self.last_struct = None
         self.padded_rows = 0  # DistributedSampler padding at the end of this rank's rows
 
     def data_collect(self, train_data):
         super().data_collect(train_data)
         self.groups = UserGroups(self.group_spec, train_data.dataset)
+        if self.config["target_types"]:
+            self.user_items = UserItems(train_data.dataset)
 
     def sampled_batch_collect(self, interaction, row_idx, scores):
         """Sampled ranking, before :meth:`eval_batch_collect` of the same batch: the user of each score row
@@ -253,18 +322,38 @@ class UserGroupCollector(Collector):
         users = torch.zeros(rows, dtype=torch.long)
         users[row_idx] = interaction[self.uid_field]
         self.data_struct.update_tensor(USER_ROWS, users)
+        self.batch_users = users
         self.data_struct.update_tensor(SAMPLED_COUNT, torch.bincount(row_idx, minlength=rows))
         self.data_struct.update_tensor(SAMPLED_SCORE, scores.detach().float())
         self.data_struct.update_tensor(SAMPLED_LABEL, interaction[self.config["LABEL_FIELD"]].float())
 
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
         super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+        users = self.batch_users
         if scores_tensor.shape[0] == len(interaction):  # a row per user (full sort) or per interaction (labeled)
-            self.data_struct.update_tensor(USER_ROWS, interaction[self.uid_field])
+            users = interaction[self.uid_field].cpu()
+            self.data_struct.update_tensor(USER_ROWS, users)
+        if self.user_items is not None:
+            self.types_collect(scores_tensor.detach().cpu(), interaction, users, positive_u, positive_i)
+
+    def types_collect(self, scores, interaction, users, positive_u, positive_i):
+        """Each row's target type (:data:`TYPES`; -1: evaluated items of both types), and for ranking how many of
+        the row's top-K items its user has."""
+        if scores.dim() == 1:  # labeled: a row per interaction, its item the target
+            types = self.user_items.holds(users, interaction[self.config["ITEM_ID_FIELD"]].cpu()).long()
+        else:
+            rows, positive_u, positive_i = scores.shape[0], positive_u.cpu(), positive_i.cpu()
+            repeats = self.user_items.holds(users[positive_u], positive_i).float()
+            targets = torch.bincount(positive_u, minlength=rows)
+            repeat = torch.bincount(positive_u, weights=repeats, minlength=rows).long()
+            types = torch.where(repeat == 0, 0, torch.where(repeat == targets, 1, -1))
+            top = torch.topk(scores, max(self.topk), dim=-1).indices
+            self.data_struct.update_tensor(TOPK_OWN, self.user_items.holds(users[:, None], top).sum(dim=1))
+        self.data_struct.update_tensor(TARGET_TYPE, types)
 
     def get_data_struct(self):
         struct = super().get_data_struct()
-        for key in (USER_ROWS, SAMPLED_COUNT, *SAMPLED_KEYS):
+        for key in OWN_KEYS:
             if key in self.data_struct:
                 del self.data_struct[key]
         if is_distributed(self.config):
@@ -274,13 +363,15 @@ class UserGroupCollector(Collector):
 
 
 class UserGroupEvaluationMixin:
-    """Put before a RecBole trainer: after every ``evaluate``, :attr:`group_result` holds the per-group metrics and
-    :attr:`user_result` the per-user values of the top-k metrics (empty for labeled evaluation)."""
+    """Put before a RecBole trainer: after every ``evaluate``, :attr:`group_result` holds the per-group metrics,
+    :attr:`type_result` the per-target-type ones (empty without ``target_types``) and :attr:`user_result` the
+    per-user values of the top-k metrics (empty for labeled evaluation), with each row's target type."""
 
     def __init__(self, config, model):
         super().__init__(config, model)
         self.eval_collector = UserGroupCollector(config)
         self.group_result = None
+        self.type_result = None
         self.user_result = None
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
@@ -293,6 +384,7 @@ class UserGroupEvaluationMixin:
         result = rounded(result, self.config)
         if collector.groups is not None and collector.last_struct is not None:
             self.group_result = collector.groups.evaluate(self.evaluator, collector.last_struct)
+            self.type_result = evaluate_types(self.evaluator, collector.last_struct)
             self.user_result = per_user_metrics(self.evaluator, collector.last_struct)
         return result
 

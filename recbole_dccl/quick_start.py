@@ -47,6 +47,8 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
             reading = result[name]
             logger.info(set_color(f"{name} test result", "yellow") + f" (round {reading['round']} {reading['phase']}): {reading['test']}")
             logger.info(set_color(f"{name} test result by user group", "yellow") + "\n" + group_table(reading["test_groups"]))
+            if reading["test_types"]:
+                logger.info(set_color(f"{name} test result by target type", "yellow") + "\n" + group_table(reading["test_types"]))
         logger.info(summary_table(result, trainer.valid_metric))
         for reading, saved_file in trainer.saved_files.items():
             logger.info(
@@ -58,11 +60,13 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
             train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
         )
         test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
-        result = {"test_groups": trainer.group_result, "test_users": trainer.user_result,
+        result = {"test_groups": trainer.group_result, "test_types": trainer.type_result, "test_users": trainer.user_result,
                   "user_groups": trainer.eval_collector.groups.members()}
         logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
         logger.info(set_color("test result", "yellow") + f": {test_result}")
         logger.info(set_color("test result by user group", "yellow") + "\n" + group_table(trainer.group_result))
+        if trainer.type_result:
+            logger.info(set_color("test result by target type", "yellow") + "\n" + group_table(trainer.type_result))
 
     result.update(
         best_valid_score=float(best_valid_score),

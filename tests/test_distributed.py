@@ -123,7 +123,7 @@ def test_sampled_ranking_on_two_processes_gives_the_metrics_of_one(tmp_path):
     one = evaluate_test_data(settings, "GRU4Rec")
     kwargs = {"config_dict": settings, "model": "GRU4Rec"}
     two = launch(evaluate_test_data, kwargs, nproc=2, ip="127.0.0.1", port=free_port())
-    assert set(one[0]) == {"ndcg@10", "gauc", "sampled_auc"}
+    assert set(one[0]) == {"ndcg@10", "gauc", "sampled_auc", "repeat_share@10"}
     assert two[:3] == one[:3]  # overall, per group, per user
     assert one[3].keys() == two[3].keys()
     for key, value in one[3].items():

@@ -111,7 +111,7 @@ def test_sampled_ranking_groups_equal_evaluating_each_group_alone(tiny_config):
                                                       model="GRU4Rec")
     trainer.eval_collector.data_collect(train_data)
     overall = trainer.evaluate(test_data, load_best_model=False)
-    assert set(overall) == {"hit@5", "hit@10", "ndcg@5", "ndcg@10", "gauc", "sampled_auc"}  # logits: no logloss
+    assert set(overall) == {"hit@5", "hit@10", "ndcg@5", "ndcg@10", "gauc", "sampled_auc", "repeat_share@10"}  # logits: no logloss
     assert trainer.evaluate(test_data, load_best_model=False) == overall  # the same negatives every evaluation
     groups, users = trainer.group_result, trainer.user_result
     collector_groups = trainer.eval_collector.groups

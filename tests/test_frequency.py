@@ -55,7 +55,7 @@ def test_frequency_under_sampled_ranking_scores_the_sampled_items(tiny_config):
     sampled = {"eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni20"},
                "metrics": ["Hit", "NDCG", "GAUC"]}
     result = run_recbole_dccl(model="Frequency", dataset="tiny", config_dict={**tiny_config, **sampled}, verbose=False)
-    assert set(result["test_users"]) == {"users", "hit@10", "ndcg@10", "gauc"}
+    assert set(result["test_users"]) == {"users", "hit@10", "ndcg@10", "gauc", "type"}
     assert abs(np.mean(result["test_users"]["gauc"]) - result["test_result"]["gauc"]) < 1e-4
 
 

@@ -115,6 +115,40 @@ def test_results_matrix_reads_the_summaries(cells):
     assert "(+50.0% [+50.0, +50.0])" in least_active  # dccl device on G1, the first group
 
 
+def test_rows_by_target_type_where_the_cells_name_each_users_type(cells):
+    """Users 1-20 (whom the devices help by 50%) have repeat targets, the others explore ones."""
+    for path in sorted(glob.glob(os.path.join(cells, "cells", "*.json"))):
+        with open(path) as file:
+            cell = json.load(file)
+        for reading in [cell, *(value for value in cell.values() if isinstance(value, dict) and "test_users" in value)]:
+            if "test_users" in reading:
+                reading["test_users"]["type"] = ["repeat" if user <= 20 else "explore" for user in USERS]
+        with open(path, "w") as file:
+            json.dump(cell, file)
+    variants = ["dccl", "data", "frequency"]
+    table = quality.write_report(cells, variants, [2020, 2021])
+    with open(os.path.join(cells, "summary.json")) as file:
+        summary = json.load(file)
+    assert summary["types"] == {"repeat": [20, 20], "explore": [20, 20]}
+    device = summary["rows"]["dccl device"]["types"]
+    assert device["repeat"]["paired_gain"]["ndcg@10"]["gain"] == pytest.approx(0.5)
+    assert device["explore"]["paired_gain"]["ndcg@10"]["gain"] == pytest.approx(0.0)
+    assert summary["rows"]["frequency"]["types"]["explore"]["paired_gain"]["ndcg@10"]["gain"] == pytest.approx(1.0)
+    cloud_only = summary["rows"]["cloud-only"]
+    by_hand = np.mean([cells_values(cells, "dccl", 2020)[user - 1] for user in USERS[:20]])
+    assert cloud_only["types"]["repeat"]["test"]["ndcg@10"]["mean"] == pytest.approx(
+        np.mean([by_hand, np.mean([cells_values(cells, "dccl", 2021)[user - 1] for user in USERS[:20]])]))
+    assert "by target type" in table and os.path.getsize(os.path.join(cells, "types.png")) > 0
+    tables = benchmark_module("matrix").matrix({"toy": summary}, metric="ndcg@10")
+    assert "**Repeat targets: test ndcg@10" in tables and "**Explore targets: test ndcg@10" in tables
+
+
+def cells_values(cells, variant, seed):
+    """The per-user test NDCG@10 of ``variant``'s cloud-only model in seed ``seed``."""
+    with open(os.path.join(cells, "cells", f"{variant}-seed{seed}.json")) as file:
+        return json.load(file)["cloud_only"]["test_users"]["ndcg@10"]
+
+
 def test_the_dccl_variant_is_the_shipped_defaults_in_every_committed_folder():
     """``dccl`` means the YAML defaults, in quality.py and in every committed folder's cells; ``v1`` means the old
     defaults there. A change of a default without running its folders again fails here."""

@@ -63,6 +63,7 @@ def test_checkpoint_round_trips(tiny_config):
         assert torch.equal(model.full_sort_predict(batch), fresh.full_sort_predict(batch))
     # RecBole's own evaluate(load_best_model=True) reads it on torch>=2.6 without any environment switch.
     fresh_trainer.saved_model_file = trainer.saved_model_file
+    fresh_trainer.eval_collector.data_collect(train_data)  # as fit does: the metrics that read the training data
     fresh.view = "device"
     assert fresh_trainer.evaluate(test_data, load_best_model=True) == trainer.evaluate(test_data, load_best_model=False)
 

@@ -275,16 +275,18 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
     # Evaluation and bookkeeping --------------------------------------------------------------------------------
 
     def _evaluate_view(self, data, view):
-        """Overall, per-group and per-user metrics of ``view`` on ``data``."""
+        """Overall, per-group, per-target-type and per-user metrics of ``view`` on ``data``."""
         self.model.view = view
         result = self.evaluate(data, load_best_model=False, show_progress=self.show_progress)
-        return {key: float(value) for key, value in result.items()}, self.group_result, self.user_result
+        overall = {key: float(value) for key, value in result.items()}
+        return overall, self.group_result, self.type_result, self.user_result
 
     def _score_view(self, view):
         scores = {}
-        scores["valid"], scores["valid_groups"], _ = self._evaluate_view(self.valid_data, view)
+        scores["valid"], scores["valid_groups"], scores["valid_types"], _ = self._evaluate_view(self.valid_data, view)
         if self.test_data is not None:
-            scores["test"], scores["test_groups"], scores["test_users"] = self._evaluate_view(self.test_data, view)
+            test = self._evaluate_view(self.test_data, view)
+            scores["test"], scores["test_groups"], scores["test_types"], scores["test_users"] = test
         scores["score"] = scores["valid"][self.valid_metric]
         return scores
 
