@@ -265,6 +265,7 @@ def summarise(cells, variants, seeds):
                     "paired_gain": {metric: gain_over(results, baselines, metric, types, kind) for metric in per_user},
                 }
                 for kind in TYPES
+                if all(seed_members[kind] for seed_members in types)  # ml-100k has no repeat target
             }
         share = [result["test"].get(SHARE) for result in results]
         if all(value is not None for value in share):
@@ -403,7 +404,7 @@ def markdown(summary):
                   "| model | " + " | ".join(TYPES) + f" | {SHARE} |", "|---" * (len(TYPES) + 2) + "|"]
         for name, row in typed.items():
             values = [f"{row['types'][kind]['test'][main]['mean']:.4f} ({gain(row['types'][kind]['paired_gain'][main])})"
-                      for kind in TYPES]
+                      if kind in row["types"] else "—" for kind in TYPES]
             share = fmt(row[SHARE]) if SHARE in row else "—"
             lines.append(f"| {name} | " + " | ".join(values) + f" | {share} |")
     if any(len(table) > 1 for table in summary["by_rounds"].values()):
@@ -442,7 +443,8 @@ def plot(summary, out):
          os.path.join(out, "groups.png"))
     typed = {name: row for name, row in summary["rows"].items() if "types" in row}
     if typed:
-        bars(typed, "types", list(TYPES), main, "target type", os.path.join(out, "types.png"))
+        kinds = [kind for kind in TYPES if kind in next(iter(typed.values()))["types"]]
+        bars(typed, "types", kinds, main, "target type", os.path.join(out, "types.png"))
 
     figure, axes = pyplot.subplots(figsize=(7, 4))
     # Variants without devices skip phases: place every point at its phase's position in the longest run.

@@ -115,16 +115,21 @@ def test_results_matrix_reads_the_summaries(cells):
     assert "(+50.0% [+50.0, +50.0])" in least_active  # dccl device on G1, the first group
 
 
-def test_rows_by_target_type_where_the_cells_name_each_users_type(cells):
-    """Users 1-20 (whom the devices help by 50%) have repeat targets, the others explore ones."""
+def name_types(cells, type_of):
+    """Give every reading of every cell each user's target type ``type_of(user)``."""
     for path in sorted(glob.glob(os.path.join(cells, "cells", "*.json"))):
         with open(path) as file:
             cell = json.load(file)
         for reading in [cell, *(value for value in cell.values() if isinstance(value, dict) and "test_users" in value)]:
             if "test_users" in reading:
-                reading["test_users"]["type"] = ["repeat" if user <= 20 else "explore" for user in USERS]
+                reading["test_users"]["type"] = [type_of(user) for user in USERS]
         with open(path, "w") as file:
             json.dump(cell, file)
+
+
+def test_rows_by_target_type_where_the_cells_name_each_users_type(cells):
+    """Users 1-20 (whom the devices help by 50%) have repeat targets, the others explore ones."""
+    name_types(cells, lambda user: "repeat" if user <= 20 else "explore")
     variants = ["dccl", "data", "frequency"]
     table = quality.write_report(cells, variants, [2020, 2021])
     with open(os.path.join(cells, "summary.json")) as file:
@@ -141,6 +146,16 @@ def test_rows_by_target_type_where_the_cells_name_each_users_type(cells):
     assert "by target type" in table and os.path.getsize(os.path.join(cells, "types.png")) > 0
     tables = benchmark_module("matrix").matrix({"toy": summary}, metric="ndcg@10")
     assert "**Repeat targets: test ndcg@10" in tables and "**Explore targets: test ndcg@10" in tables
+
+
+def test_a_type_without_targets_has_no_rows(cells):
+    """ml-100k: nobody returns to a movie, so every target is an explore one."""
+    name_types(cells, lambda user: "explore")
+    table = quality.write_report(cells, ["dccl", "data"], [2020, 2021])
+    with open(os.path.join(cells, "summary.json")) as file:
+        summary = json.load(file)
+    assert summary["types"]["repeat"] == [0, 0] and list(summary["rows"]["dccl device"]["types"]) == ["explore"]
+    assert "| dccl device | — | " in table
 
 
 def cells_values(cells, variant, seed):
