@@ -14,8 +14,6 @@ import argparse
 import json
 import os
 
-TYPES = ("repeat", "explore")  # quality.py's target types
-
 
 def variant_rows(variant, label):
     """The four rows of DCCL variant ``variant``: each view as selected on valid and as deployed."""
@@ -49,13 +47,16 @@ def cell(summary, name, metric, scope):
     if scope == "least_active":
         group = row["groups"][summary["groups"][0]]
         return f"{group['test'][metric]['mean']:.4f} ({percent(group['paired_gain'][metric])})"
-    if scope in TYPES:
-        if scope not in row.get("types", {}):
-            return "not typed"
-        typed = row["types"][scope]
-        return f"{typed['test'][metric]['mean']:.4f} ({percent(typed['paired_gain'][metric])})"
-    versus = row.get("paired_gain_vs_data")
-    return percent(versus["all"][metric]) if versus else "—"
+    if scope == "versus_data":
+        versus = row.get("paired_gain_vs_data")
+        return percent(versus["all"][metric]) if versus else "—"
+    typed = row.get("types", {}).get(scope)  # scope: a target type
+    return f"{typed['test'][metric]['mean']:.4f} ({percent(typed['paired_gain'][metric])})" if typed else "not typed"
+
+
+def types_of(summaries):
+    """The target types the summaries report (quality.py's ``types``), in their order."""
+    return list(dict.fromkeys(kind for summary in summaries.values() for kind in summary.get("types", {})))
 
 
 def matrix(summaries, also=(), metric="ndcg@10"):
@@ -64,7 +65,8 @@ def matrix(summaries, also=(), metric="ndcg@10"):
     for scope, heading in (
         ("all", f"Test {metric}, mean over seeds (paired per-user gain over cloud-only [95% CI])"),
         ("least_active", f"Least-active fifth of users: test {metric} (gain over cloud-only [95% CI])"),
-        *((kind, f"{kind.capitalize()} targets: test {metric} (gain over cloud-only [95% CI])") for kind in TYPES),
+        *((kind, f"{kind.capitalize()} targets: test {metric} (gain over cloud-only [95% CI])")
+          for kind in types_of(summaries)),
         ("versus_data", f"Paired gain in test {metric} over the model-over-data cloud [95% CI]"),
     ):
         lines = [f"**{heading}**", "", "| model | " + " | ".join(titles) + " |", "|---" * (len(titles) + 1) + "|"]
@@ -73,7 +75,7 @@ def matrix(summaries, also=(), metric="ndcg@10"):
             if all(value in ("not run", "not typed") for value in values):
                 continue
             lines.append(f"| {label} | " + " | ".join(values) + " |")
-        if len(lines) > 4:  # a table with no row (no summary has target types) is left out
+        if len(lines) > 4:  # a type no folder has a target of (ml-100k's repeat) gets no table
             tables.append("\n".join(lines))
     return "\n\n".join(tables) + "\n"
 

@@ -28,6 +28,7 @@ import sys
 import numpy as np
 
 from recbole_dccl.defaults import dccl_defaults
+from recbole_dccl.evaluation import TYPES
 from recbole_dccl.trainer.resume import run_state_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,9 +208,6 @@ def gain_over(results, baselines, metric, members=None, group=None):
         return seed_gain(results, baselines, metric, group)
     users = None if group is None else [set(seed_members[group]) for seed_members in members]
     return paired_gain(results, baselines, metric, users)
-
-
-TYPES = ("repeat", "explore")
 
 
 def type_members(rows, seeds):

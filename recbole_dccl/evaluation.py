@@ -55,7 +55,7 @@ SAMPLED_SCORE, SAMPLED_LABEL, SAMPLED_COUNT = "data.sampled_score", "data.sample
 SAMPLED_KEYS = (SAMPLED_SCORE, SAMPLED_LABEL)
 # Per evaluated row: its target type (TYPES' index; -1 mixed) and, for ranking, how many of its top-K are the user's own.
 TARGET_TYPE, TOPK_OWN = "data.target_type", "data.topk_own"
-TYPES = ("explore", "repeat")
+TYPES = ("repeat", "explore")
 # What the collector gathers per evaluated row (RecBole's per-evaluation keys, the rows' users and target types).
 ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", USER_ROWS, SAMPLED_COUNT, TARGET_TYPE,
             TOPK_OWN)
@@ -116,7 +116,7 @@ class UserGroups:
 
 
 def evaluate_types(evaluator, struct):
-    """``{'explore': {...}, 'repeat': {...}}`` (and ``mixed`` where a row holds targets of both types), as
+    """``{'repeat': {...}, 'explore': {...}}`` (and ``mixed`` where a row holds targets of both types), as
     :meth:`UserGroups.evaluate` gives per group; ``{}`` where the collector did not label the rows."""
     if TARGET_TYPE not in struct:
         return {}
@@ -339,14 +339,16 @@ class UserGroupCollector(Collector):
     def types_collect(self, scores, interaction, users, positive_u, positive_i):
         """Each row's target type (:data:`TYPES`; -1: evaluated items of both types), and for ranking how many of
         the row's top-K items its user has."""
+        repeat_type, explore_type = TYPES.index("repeat"), TYPES.index("explore")
         if scores.dim() == 1:  # labeled: a row per interaction, its item the target
-            types = self.user_items.holds(users, interaction[self.config["ITEM_ID_FIELD"]].cpu()).long()
+            had = self.user_items.holds(users, interaction[self.config["ITEM_ID_FIELD"]].cpu())
+            types = torch.where(had, repeat_type, explore_type)
         else:
             rows, positive_u, positive_i = scores.shape[0], positive_u.cpu(), positive_i.cpu()
             repeats = self.user_items.holds(users[positive_u], positive_i).float()
             targets = torch.bincount(positive_u, minlength=rows)
             repeat = torch.bincount(positive_u, weights=repeats, minlength=rows).long()
-            types = torch.where(repeat == 0, 0, torch.where(repeat == targets, 1, -1))
+            types = torch.where(repeat == targets, repeat_type, torch.where(repeat == 0, explore_type, -1))
             top = torch.topk(scores, max(self.topk), dim=-1).indices
             self.data_struct.update_tensor(TOPK_OWN, self.user_items.holds(users[:, None], top).sum(dim=1))
         self.data_struct.update_tensor(TARGET_TYPE, types)
