@@ -11,13 +11,10 @@ import os
 import platform
 import sys
 from logging import getLogger
-from types import SimpleNamespace
-from urllib.error import URLError
 
 import recbole
 import torch
 from recbole.data import create_dataset, data_preparation
-from recbole.data.dataset import Dataset
 from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_dccl.config import DCCLConfig
@@ -46,9 +43,7 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
         for name in ("cloud_only", "dccl_cloud", "dccl_device", "deployed_cloud", "deployed_device"):
             reading = result[name]
             logger.info(set_color(f"{name} test result", "yellow") + f" (round {reading['round']} {reading['phase']}): {reading['test']}")
-            logger.info(set_color(f"{name} test result by user group", "yellow") + "\n" + group_table(reading["test_groups"]))
-            if reading["test_types"]:
-                logger.info(set_color(f"{name} test result by target type", "yellow") + "\n" + group_table(reading["test_types"]))
+            log_breakdown(logger, f"{name} test result", reading["test_groups"], reading["test_types"])
         logger.info(summary_table(result, trainer.valid_metric))
         for reading, saved_file in trainer.saved_files.items():
             logger.info(
@@ -64,9 +59,7 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
                   "user_groups": trainer.eval_collector.groups.members()}
         logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
         logger.info(set_color("test result", "yellow") + f": {test_result}")
-        logger.info(set_color("test result by user group", "yellow") + "\n" + group_table(trainer.group_result))
-        if trainer.type_result:
-            logger.info(set_color("test result by target type", "yellow") + "\n" + group_table(trainer.type_result))
+        log_breakdown(logger, "test result", trainer.group_result, trainer.type_result)
 
     result.update(
         best_valid_score=float(best_valid_score),
@@ -79,6 +72,13 @@ def run_recbole_dccl(model=None, dataset=None, config_file_list=None, config_dic
         write_result_file(config["result_file"], result)
         logger.info(set_color("results written to", "blue") + f": {config['result_file']}")
     return result
+
+
+def log_breakdown(logger, title, groups, types):
+    """The results ``title`` by user group and, where the run has target types, by target type."""
+    logger.info(set_color(f"{title} by user group", "yellow") + "\n" + group_table(groups))
+    if types:
+        logger.info(set_color(f"{title} by target type", "yellow") + "\n" + group_table(types))
 
 
 # The rows of the summary at the end of a DCCL run's log: (label, key of the trainer's report).
@@ -122,7 +122,7 @@ def prepare(config, verbose=True):
         logger.setLevel(logging.ERROR)
     logger.info(config)
 
-    dataset = load_dataset(config)
+    dataset = create_dataset(config)
     logger.info(dataset)
     loaders = data_preparation(config, dataset)
 
@@ -130,26 +130,6 @@ def prepare(config, verbose=True):
     model = get_model(config["model"])(config, loaders[0].dataset).to(config["device"])
     logger.info(model)
     return dataset, loaders, model
-
-
-def load_dataset(config):
-    """RecBole's ``create_dataset``. A dataset not under ``data_path`` is downloaded by RecBole (from
-    ``dataset_url`` or RecBole's address for its name); a download that cannot reach its address is refused with
-    what was looked for, where, and how to use local files instead."""
-    try:
-        return create_dataset(config)
-    except URLError as error:
-        name = config["dataset"]
-        folder = config["data_path"]  # RecBole's final data_path: the dataset's own folder
-        # The address RecBole tried: its own look-up (dataset_url first, download.py) on a stand-in for the dataset.
-        url = Dataset._get_download_url(SimpleNamespace(config=config, dataset_name=name, dataset_path=folder), "url")
-        raise InputError(
-            f"dataset: [{name}] is not in data_path (no [{os.path.join(folder, name + '.inter')}]) and RecBole's "
-            f"download of it from [{url}] failed: {error.reason}. Without network, put the dataset's atomic files "
-            f"({name}.inter, and .user/.item if any) in [{folder}], or point at local atomic files: "
-            f"--data_path=<folder holding {name}/> --config_files=<a YAML naming their fields, e.g. load_col>; "
-            "or name a reachable copy of the .zip with --dataset_url=..."
-        ) from None
 
 
 def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, nproc=1, world_size=-1,
