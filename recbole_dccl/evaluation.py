@@ -334,7 +334,7 @@ class UserGroupCollector(Collector):
             users = interaction[self.uid_field].cpu()
             self.data_struct.update_tensor(USER_ROWS, users)
         if self.user_items is not None:
-            self.types_collect(scores_tensor.detach().cpu(), interaction, users, positive_u, positive_i)
+            self.types_collect(scores_tensor.detach(), interaction, users, positive_u, positive_i)
 
     def types_collect(self, scores, interaction, users, positive_u, positive_i):
         """Each row's target type (:data:`TYPES`; -1: evaluated items of both types), and for ranking how many of
@@ -349,7 +349,7 @@ class UserGroupCollector(Collector):
             targets = torch.bincount(positive_u, minlength=rows)
             repeat = torch.bincount(positive_u, weights=repeats, minlength=rows).long()
             types = torch.where(repeat == targets, repeat_type, torch.where(repeat == 0, explore_type, -1))
-            top = torch.topk(scores, max(self.topk), dim=-1).indices
+            top = torch.topk(scores, max(self.topk), dim=-1).indices.cpu()  # the scores stay where they are
             self.data_struct.update_tensor(TOPK_OWN, self.user_items.holds(users[:, None], top).sum(dim=1))
         self.data_struct.update_tensor(TARGET_TYPE, types)
 
