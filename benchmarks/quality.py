@@ -37,6 +37,7 @@ VARIANTS = {
     # The defaults before issue 33 (docs/method.md, "How the defaults were chosen"): the cells run with them.
     "v1": {"device_data": "fresh", "metapatch_dim": 16, "device_learning_rate": 0.1, "device_epochs": 20},
     "data": {"device_method": "none", "cloud_method": "data"},  # model-over-data: incremental training, no devices
+    "memory": {"device_memory": True},  # the shipped defaults plus the personal memory (docs/method.md)
     "patch": {"device_method": "patch"},  # a full per-user patch instead of a metapatch
     "selfdistill": {"device_method": "none"},  # MoMoDistill's loss with the cloud model as every device's teacher
     # Plain models (``model`` other than DCCL), trained on every training row, on the same splits and metrics:

@@ -112,6 +112,7 @@ SETTING_RULES = {
     # DCCL's keys (properties/model/DCCL.yaml); a phase's epochs may be 0 to leave the phase out
     "protocol": (lambda v: v in PROTOCOLS, f"one of {list(PROTOCOLS)}"),
     "device_method": (lambda v: v in ("none", "patch", "metapatch"), "one of ['none', 'patch', 'metapatch']"),
+    "device_memory": (lambda v: isinstance(v, bool), "True or False"),
     "cloud_method": (lambda v: v in ("data", "momodistill"), "one of ['data', 'momodistill']"),
     "rounds": _POSITIVE_INT,
     "fresh_interactions": _POSITIVE_INT,
@@ -208,6 +209,8 @@ def validate_data_fields(settings):
     needed = {"USER_ID_FIELD": "DCCL keeps one device model per user"}
     if settings["MODEL_TYPE"] == ModelType.SEQUENTIAL:
         needed["TIME_FIELD"] = "a sequential backbone orders each user's interactions by time"
+    elif settings.get("device_memory") and settings.get("device_method") != "none":
+        needed["TIME_FIELD"] = "device_memory reads each user's history before a row by time"
     for key, why in needed.items():
         if settings.get(key) not in columns:
             raise InputError(

@@ -11,7 +11,9 @@ devices run) or with ``--reading=selected`` of the phase that scored best in the
   ONNX Runtime (``--format=onnx``, :mod:`recbole_dccl.onnx_export`). Inputs: the user's metapatch ``[B, k]`` and
   the backbone's own inputs (for sequential backbones ``item_id_list`` ``[B, L]`` and ``item_length`` ``[B]``);
   output: the objective's logits, for sequential backbones scores over all items ``[B, n_items]`` (the
-  backbone's ``full_sort_predict``), for CTR backbones one logit per row ``[B]``. The batch size is dynamic.
+  backbone's ``full_sort_predict``), for CTR backbones one logit per row ``[B]``. The batch size is dynamic. With
+  ``device_memory`` the inputs also hold the personal memory's fields (``dccl_memory_items`` ``[B, L]``,
+  ``dccl_memory_values`` ``[B, L, 3]``, ``L`` dynamic), which a device computes from its own history.
 - with ``--format=onnx`` also ``device_training/``: the artifacts with which ONNX Runtime trains a metapatch on
   the device (package :mod:`dccl_device`).
 - ``metapatch/<user token>.npz``: each user's metapatch (array ``metapatch``, ``[k]`` float32), the only per-user
@@ -45,6 +47,7 @@ from torch import nn
 from dccl_device.files import load_arrays, save_arrays
 from recbole_dccl.data import RoundSchedule
 from recbole_dccl.errors import InputError
+from recbole_dccl.model.memory import ITEMS, VALUES
 from recbole_dccl.quick_start import load_from_checkpoint, read_checkpoint, write_result_file
 from recbole_dccl.trainer.checkpoint import write_atomic
 from recbole_dccl.trainer.device_phase import DeviceSettings
@@ -87,12 +90,13 @@ class DeviceModel(nn.Module):
     """The shared device model as a plain module: ``forward(metapatch, *features)`` -> the objective's logits (for
     sequential backbones scores over all items ``[B, n_items]``, for CTR backbones one logit per row ``[B]``).
 
-    Only the backbone and the patches are its submodules, so an exported program holds W_f and Theta and nothing
-    else of the cloud's model: not the encoder, not any other user's metapatch."""
+    Only the backbone, the patches and the personal memory (its three shared weights) are its submodules, so an
+    exported program holds W_f and Theta and nothing else of the cloud's model: not the encoder, not any other
+    user's metapatch, not anyone's history."""
 
     def __init__(self, model, fields):
         super().__init__()
-        self.backbone, self.patches = model.backbone, model.patches
+        self.backbone, self.patches, self.memory = model.backbone, model.patches, model.memory
         self.score = model.forward  # a bound method, not a submodule
         self.fields = list(fields)
         self.metapatch_dim = model.metapatch.shape[1]
@@ -117,8 +121,15 @@ def device_program(device_model, example):
     are used (two rows, so that the batch size stays symbolic)."""
     inputs = (torch.zeros(2, device_model.metapatch_dim), *placeholder_rows(example))
     batch = torch.export.Dim("batch", min=1)
-    dynamic_shapes = ({0: batch}, tuple({0: batch} for _ in example))  # (metapatch, features)
+    dynamic_shapes = ({0: batch}, feature_shapes(device_model.fields, batch))  # (metapatch, features)
     return torch.export.export(device_model, inputs, dynamic_shapes=dynamic_shapes)
+
+
+def feature_shapes(fields, batch):
+    """The dynamic dimensions of the device model's ``fields``: the batch (``batch``), and for the personal
+    memory's fields also their columns, one per item the user has."""
+    own_items = torch.export.Dim("own_items", min=1)
+    return tuple({0: batch, 1: own_items} if field in (ITEMS, VALUES) else {0: batch} for field in fields)
 
 
 def placeholder_rows(tensors):
@@ -160,6 +171,8 @@ def export(checkpoint_path, out, format="torch", device_data=False, reading=None
     source, config, train_data, test_data, model = load_dccl(checkpoint_path, reading)
     dataset = train_data.dataset
     batch, _, _, _ = next(iter(test_data))
+    complete = model.memory.complete if model.memory is not None else lambda interaction: None
+    complete(batch)  # the personal memory's fields: a device computes them from its own history
     device_model = DeviceModel(model, backbone_fields(model, batch)).eval()
     program = device_program(device_model, [batch[field] for field in device_model.fields])
     inputs = ["metapatch", *device_model.fields]
@@ -170,8 +183,12 @@ def export(checkpoint_path, out, format="torch", device_data=False, reading=None
     else:
         onnx_export.save_onnx_program(program, inputs, ["scores"], model_path)
         folder = os.path.join(out, "device_training")
-        example = placeholder_rows([batch[field] for field in [*device_model.fields, model.objective.target_field]])
-        onnx_export.export_training_artifacts(device_model, model.objective, DeviceSettings(config), example, folder)
+        fields = [*device_model.fields, model.objective.target_field]
+        example = placeholder_rows([batch[field] for field in fields])
+        shapes = lambda batch_dim: feature_shapes(fields, batch_dim)
+        onnx_export.export_training_artifacts(
+            device_model, model.objective, DeviceSettings(config), example, shapes, folder
+        )
         file_bytes["device_training_files"] = sum(
             os.path.getsize(os.path.join(folder, name)) for name in onnx_export.TRAINING_FILES
         )
@@ -185,7 +202,7 @@ def export(checkpoint_path, out, format="torch", device_data=False, reading=None
         schedule = RoundSchedule(config, train_data)
         rows = schedule.training_rows(schedule.local_rows(1), 1)  # with their negatives on implicit data
         fields = [*device_model.fields, model.objective.target_field]
-        save_local_data(rows.dataset, np.arange(len(rows)), fields, os.path.join(out, "device_data"))
+        save_local_data(rows.dataset, np.arange(len(rows)), fields, os.path.join(out, "device_data"), complete)
 
     metapatch_bytes = tensor_bytes([model.metapatch[0]])
     metapatch_file_bytes = os.path.getsize(user_file(folder, tokens[0]))
@@ -228,16 +245,17 @@ def onnx_exporter():
     return onnx_export
 
 
-def save_local_data(dataset, rows, fields, folder):
+def save_local_data(dataset, rows, fields, folder, complete):
     """Each user's ``rows`` (indices into ``dataset``, in time order, a positive's negatives after it) as
-    ``<folder>/<user token>.npz``, one array per field: what that user's device holds, for running the device side
-    on a simulated device."""
-    interaction = dataset[torch.as_tensor(rows)]
-    user_ids = interaction[dataset.uid_field].numpy()
+    ``<folder>/<user token>.npz``, one array per field (``complete`` adds those not in the dataset: the personal
+    memory's): what that user's device holds, for running the device side on a simulated device."""
+    rows = torch.as_tensor(rows)
+    user_ids = dataset.inter_feat[dataset.uid_field][rows].numpy()
     users = np.unique(user_ids)
     for user, token in zip(users, dataset.id2token(dataset.uid_field, users)):
-        own = torch.from_numpy(np.flatnonzero(user_ids == user))
-        save_arrays(user_file(folder, token), {field: interaction[field][own].numpy() for field in fields})
+        own = dataset[rows[torch.from_numpy(np.flatnonzero(user_ids == user))]]
+        complete(own)
+        save_arrays(user_file(folder, token), {field: own[field].numpy() for field in fields})
 
 
 def generated_patch_bytes(model):

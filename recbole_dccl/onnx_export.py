@@ -104,15 +104,15 @@ def fold_batch_norms(graph):
     graph.node.extend(nodes)
 
 
-def export_training_artifacts(device_model, objective, settings, example, folder):
+def export_training_artifacts(device_model, objective, settings, example, example_shapes, folder):
     """Write the ``onnxruntime-training`` artifacts of :class:`DeviceStepLoss` to ``folder``, only the metapatch
     trainable, and ``settings.json``: the graph's inputs and the device phase's settings (``settings``, a
     :class:`DeviceSettings`), which a device trains with. ``example``: rows of the device model's features and the
-    target (placeholders: the training graph keeps no example)."""
+    target (placeholders: the training graph keeps no example), ``example_shapes`` their dynamic dimensions with
+    ``batch``, a ``torch.export.Dim`` (a function of it)."""
     step_loss = DeviceStepLoss(device_model, objective).eval()
     inputs = (*example, torch.zeros(1, device_model.metapatch_dim), torch.zeros(()))
-    batch = torch.export.Dim("batch", min=1)
-    dynamic_shapes = ((*({0: batch} for _ in example), None, None),)  # (*inputs,)
+    dynamic_shapes = ((*example_shapes(torch.export.Dim("batch", min=1)), None, None),)  # (*inputs,)
     program = torch.export.export(step_loss, inputs, dynamic_shapes=dynamic_shapes)
     input_names = [*device_model.fields, objective.target_field, "metapatch_start", "l2"]
     proto = torch.onnx.export(

@@ -204,6 +204,7 @@ def load_from_checkpoint(model_file, checkpoint, verbose=True):
     model.load_other_parameter(checkpoint.get("other_parameter"))
     if getattr(model, "is_dccl", False):
         model.view = "device"
+        model.hold_histories([data.dataset for data in (train_data, valid_data, test_data)])
     return config, model, dataset, train_data, valid_data, test_data
 
 

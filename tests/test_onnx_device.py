@@ -37,6 +37,8 @@ def exported(config_dict, out):
     config, (train_data, _, test_data), model, trainer = build(config_dict)
     with torch.no_grad():
         model.metapatch.normal_(0, 0.5)
+        if model.memory is not None:
+            model.memory.weights.copy_(torch.tensor([0.5, 0.3, -0.2]))  # as if fitted
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm1d):  # statistics as if trained (DIN), not 0 and 1
                 module.running_mean.normal_(0, 0.5)
@@ -46,10 +48,12 @@ def exported(config_dict, out):
     return config, train_data, test_data, model, manifest
 
 
-@pytest.mark.parametrize("backbone", ["GRU4Rec", "SASRec", "DeepFM", "DIN", "DeepFM-implicit"])
+@pytest.mark.parametrize(
+    "backbone", ["GRU4Rec", "SASRec", "DeepFM", "DIN", "DeepFM-implicit", "GRU4Rec-memory", "DeepFM-memory"]
+)
 def test_onnx_device_scores_and_trains_as_the_pytorch_device_phase(tiny_config, backbone, tmp_path):
-    settings = {"backbone": backbone.split("-")[0], "device_l2": 0.01}
-    if backbone in ("DeepFM", "DIN"):
+    settings = {"backbone": backbone.split("-")[0], "device_l2": 0.01, "device_memory": backbone.endswith("memory")}
+    if backbone in ("DeepFM", "DIN", "DeepFM-memory"):
         settings.update(load_col=None, mlp_hidden_size=[8, 8])  # CTR: every field loaded, ratings give the labels
     if backbone == "DeepFM-implicit":  # no rating loaded: sampled negatives, each device holding out 2 rows per interaction
         settings.update(mlp_hidden_size=[8, 8])
@@ -62,6 +66,8 @@ def test_onnx_device_scores_and_trains_as_the_pytorch_device_phase(tiny_config, 
     # device scores, and the whole batch at once (the batch size is an input, not fixed at export).
     scorer = Scorer(os.path.join(out, "device_model.onnx"))
     batch, _, _, _ = next(iter(test_data))
+    if model.memory is not None:  # what a device computes from its own history
+        model.memory.complete(batch)
     tokens = dataset.id2token(dataset.uid_field, batch[dataset.uid_field].numpy())
     files = [user_file(os.path.join(out, "metapatch"), token) for token in tokens]
     metapatch = np.stack([load_arrays(file)["metapatch"] for file in files])

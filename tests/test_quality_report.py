@@ -169,6 +169,8 @@ def test_the_dccl_variant_is_the_shipped_defaults_in_every_committed_folder():
     defaults there. A change of a default without running its folders again fails here."""
     method_defaults = {key: value for key, value in dccl_defaults().items() if key not in quality.BENCHMARK_KEYS}
     expected = {name: {**method_defaults, **quality.VARIANTS[name]} for name in ("dccl", "v1")}
+    # Keys added after a folder's cells were run, at the value that runs as the code did before them.
+    predated = {"device_memory": False}
     assert quality.VARIANTS["dccl"] == {}
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results")
     folders = sorted(glob.glob(os.path.join(root, "*", "summary.json")))
@@ -176,10 +178,10 @@ def test_the_dccl_variant_is_the_shipped_defaults_in_every_committed_folder():
     for path in folders:
         with open(path) as file:
             settings = json.load(file)["settings"]
-        assert "v1" in settings, path
+        assert {"dccl", "v1"} & set(settings), path
         for name in ("dccl", "v1"):
             if name in settings:
-                assert settings[name] == expected[name], (path, name)
+                assert {**predated, **settings[name]} == expected[name], (path, name)
 
 
 def test_reported_metrics_by_kind_of_evaluation():

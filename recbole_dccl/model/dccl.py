@@ -9,7 +9,8 @@ RecBole runs it. The **device** view is the same backbone with a MetaPatch at ea
 generated from the user's metapatch (looked up by ``USER_ID_FIELD``) through the global shared parameters Theta.
 The auxiliary encoder maps what the cloud knows of a user to a metapatch (MoMoDistill step 2, cold start).
 With ``device_method: patch`` (an ablation) each user holds its patches' weights themselves instead of a
-metapatch.
+metapatch. With ``device_memory`` the device view also scores the user's own items from the history the device
+holds (:mod:`~recbole_dccl.model.memory`), with weights every device shares.
 """
 
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from recbole_dccl.errors import InputError
 from recbole_dccl.model.encoder import AuxiliaryEncoder
 from recbole_dccl.model.families import FAMILIES, family_of
 from recbole_dccl.model.lookup import recbole_model_class
+from recbole_dccl.model.memory import PersonalMemory
 from recbole_dccl.model.metapatch import MetaPatch, PatchContext, UserPatch, find_sites, site_output_dims, wrap_site
 
 HISTORY_LENGTH = 50
@@ -60,6 +62,7 @@ class DCCL(AbstractRecommender):
         # which trains the backbone from there (so two device settings would be compared on two cloud models).
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(config["seed"])
+            self.memory = PersonalMemory(dataset) if config["device_memory"] and config["device_method"] != "none" else None
             metapatch_dim = self._add_device_side(config, dataset, family)
         if not self.encoder.has_profile:
             self.logger.warning("DCCL: the dataset has no .user profile features; the encoder runs without them.")
@@ -123,23 +126,47 @@ class DCCL(AbstractRecommender):
         """The metapatch rows of the current view: each row's user's in the device view, none in the cloud view."""
         return self.metapatch[interaction[self.USER_ID]] if self.view == "device" else None
 
+    def hold_histories(self, datasets):
+        """Let the memory read the users' histories from ``datasets`` (the training split first, then the splits the
+        run evaluates on); without this call it holds the training split's."""
+        if self.memory is not None:
+            self.memory.hold(datasets)
+
     def forward(self, interaction, metapatch=None):
         """The objective's logits, of the cloud model or of the device models of ``metapatch`` (one row each)."""
+        if self.remembers(metapatch):
+            self.memory.complete(interaction)
         with self.patched(metapatch):
-            return self.objective.logits(interaction)
+            logits = self.objective.logits(interaction)
+        if self.remembers(metapatch):
+            logits = self.memory.add(logits, interaction)
+        return logits
 
     def encode_metapatch(self, users):
         """The auxiliary encoder's metapatch for ``users``."""
         return self.encoder(users, self.user_history[users], self.uploaded_metapatch[users])
 
+    def remembers(self, metapatch):
+        """Whether scoring under ``metapatch`` runs the memory (the backbone's own methods would leave it out)."""
+        return metapatch is not None and self.memory is not None
+
     def calculate_loss(self, interaction):
-        with self.patched(self.view_metapatch(interaction)):
+        metapatch = self.view_metapatch(interaction)
+        if self.remembers(metapatch):
+            return self.objective.loss(self(interaction, metapatch), interaction).mean()
+        with self.patched(metapatch):
             return self.backbone.calculate_loss(interaction)
 
     def predict(self, interaction):
-        with self.patched(self.view_metapatch(interaction)):
+        metapatch = self.view_metapatch(interaction)
+        if self.remembers(metapatch):
+            return self.objective.prediction(self(interaction, metapatch), interaction)
+        with self.patched(metapatch):
             return self.backbone.predict(interaction)
 
     def full_sort_predict(self, interaction):
-        with self.patched(self.view_metapatch(interaction)):
+        metapatch = self.view_metapatch(interaction)
+        if self.remembers(metapatch):
+            return self(interaction, metapatch)  # the logits: for every backbone, ranked as its scores are
+        with self.patched(metapatch):
             return self.backbone.full_sort_predict(interaction)

@@ -40,6 +40,10 @@ class NextItemObjective:
         scores = self.backbone.full_sort_predict(interaction).view(interaction.length, -1)
         return (scores + PROBABILITY_FLOOR).log() if self.log_of_scores else scores
 
+    def prediction(self, logits, interaction):
+        """The score of each row's own item (``predict``), ranked as the backbone's scores are."""
+        return logits.gather(1, interaction[self.backbone.ITEM_ID].unsqueeze(1)).squeeze(1)
+
     def loss(self, logits, interaction):
         return F.cross_entropy(logits, interaction[self.target_field], reduction="none")
 
@@ -80,6 +84,11 @@ class BinaryObjective:
         finally:
             handle.remove()
         return captured[-1].reshape(interaction.length)  # not len(): see NextItemObjective.logits
+
+    @staticmethod
+    def prediction(logits, interaction):
+        """The predicted probability of each row (``predict``)."""
+        return torch.sigmoid(logits)
 
     def loss(self, logits, interaction):
         return F.binary_cross_entropy_with_logits(logits, interaction[self.target_field].float(), reduction="none")

@@ -20,7 +20,9 @@ from recbole_dccl.trainer.checkpoint import (
     SafeCheckpointMixin, check_identity, load_safe, plain, reading_files, save_atomic,
 )
 from recbole_dccl.trainer.cold_start import COLD_GROUP, cold_start_report, cold_start_table
+from recbole_dccl.model.memory import FEATURES
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
+from recbole_dccl.trainer.memory_fit import fit_memory
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
 from recbole_dccl.trainer.phase_log import publish_phase
 from recbole_dccl.trainer.resume import ResumedRun, Round0Progress, run_state_file, save_run_state
@@ -53,6 +55,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self.verbose, self.show_progress = verbose, show_progress
         self.valid_data, self.test_data = valid_data, test_data
         schedule = RoundSchedule(self.config, train_data)
+        self.model.hold_histories([data.dataset for data in (train_data, valid_data, test_data) if data is not None])
         self._collect_user_groups(schedule, train_data)
         self._start_run_state(saved)
 
@@ -220,6 +223,13 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
     def _device_phase(self, round_idx, rows):
         """Round ``round_idx``'s devices train on ``rows`` (:class:`TrainingRows`)."""
         start = time()
+        memory_values = {}
+        if self.model.memory is not None:
+            weights = fit_memory(self.model, self.round_loader.dataset, self.config["valid_metric"],
+                                 self.config["device_chunk_size"], self.device)
+            memory_values = {f"memory/{name}": value for name, value in zip(FEATURES, weights.tolist())}
+            self._log(f"round {round_idx} personal memory chosen on the round's {len(self.round_loader.dataset)} rows: "
+                      f"weights {', '.join(f'{name} {value:.3f}' for name, value in zip(FEATURES, weights.tolist()))}")
         settings = DeviceSettings(self.config)
         local = LocalData.from_rows(rows, settings.valid_size, self.device, share=user_share(self.config))
         start_metapatch = self.model.metapatch[local.users]
@@ -234,7 +244,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         trained = result.train_loss.isfinite()
         n_trained = sum_over_ranks(self.config, int(trained.sum()))
         loss = sum_over_ranks(self.config, float(result.train_loss[trained].sum())) / n_trained if n_trained else float("nan")
-        self.phase_values = {"loss/device": loss, "adopted_share": adopted / len(users)}
+        self.phase_values = {"loss/device": loss, "adopted_share": adopted / len(users), **memory_values}
         seconds = time() - start
         self.phase_seconds[f"round {round_idx} device"] = seconds
         self._log(
@@ -292,9 +302,10 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
 
     def _device_view_is_cloud(self):
         """While every metapatch is zero (round 0; a round no device adopted its patch in; always with
-        ``device_method: none``), the device view computes exactly the cloud model: a zero metapatch adds a zero
-        patch (metapatch.py)."""
-        return not self.model.metapatch.any()
+        ``device_method: none``) and the personal memory, if any, has zero weights, the device view computes exactly
+        the cloud model: a zero metapatch adds a zero patch (metapatch.py), zero weights a zero memory (memory.py)."""
+        memory = self.model.memory
+        return not self.model.metapatch.any() and (memory is None or not memory.weights.any())
 
     @staticmethod
     def _cloud_scores(scored, best):

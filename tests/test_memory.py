@@ -1,0 +1,164 @@
+"""The personal memory (``device_memory``): what it reads of a user's history, that a zero memory is the plain
+device view, that its fit reduces the logits exactly, that the batched device phase trains the metapatches beside it
+as a per-device loop does, and that a run fits it, reports it and saves it."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dccl_device.memory import memory_fields
+from recbole_dccl.errors import InputError
+from recbole_dccl.model.memory import ITEMS, RECENCY_DECAY, VALUES
+from recbole_dccl.trainer.device_phase import frozen, personalise, personalise_one_by_one
+from recbole_dccl.trainer.memory_fit import LabelledRows, RankedRows, fit_memory
+from tests.conftest import TINY_SETTINGS
+from tests.helpers import build
+from tests.test_device_phase import local_setup, random_start
+
+# One user's interactions (item token, time); a second user's, which the first one's memory must never read.
+MINE = [(5, 1), (7, 2), (5, 3), (9, 4), (5, 5), (7, 6), (8, 7), (9, 8), (6, 9), (5, 10), (7, 11), (9, 12)]
+OTHER = [(item, time) for time, item in enumerate([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], start=1)]
+
+
+@pytest.fixture
+def memory_config(tmp_path):
+    path = tmp_path / "data" / "hand"
+    os.makedirs(path)
+    with open(path / "hand.inter", "w") as file:
+        file.write("user_id:token\titem_id:token\ttimestamp:float\n")
+        for user, rows in (("a", MINE), ("b", OTHER)):
+            file.writelines(f"{user}\t{item}\t{time}\n" for item, time in rows)
+    return {**TINY_SETTINGS, "data_path": str(tmp_path / "data"), "device_memory": True,
+            "checkpoint_dir": str(tmp_path / "saved")}
+
+
+def test_the_memory_reads_what_the_user_did_before_the_row_and_nothing_else(memory_config):
+    config, (train_data, valid_data, test_data), model, _ = build(memory_config, dataset="hand")
+    model.hold_histories([train_data.dataset, valid_data.dataset, test_data.dataset])
+    dataset = train_data.dataset
+    user = torch.tensor(dataset.token2id(dataset.uid_field, ["a"]))
+    for time in (1, 4, 12, 13):  # 12: the test row (its own item is not read); 13: after every row
+        items, values = model.memory.histories.features(user, torch.tensor([float(time)]), dataset.item_num)
+        before = [item for item, when in MINE if when < time]
+        expected = {}
+        for since, item in enumerate(reversed(before)):
+            count, recent = expected.get(item, (0, 0.0))
+            expected[item] = (count + 1, recent + RECENCY_DECAY**since)
+        read = {
+            int(dataset.id2token(dataset.iid_field, [item])[0]): tuple(value)
+            for item, value in zip(items[0].tolist(), values[0].tolist()) if item
+        }
+        assert set(read) == set(expected)
+        for item, (count, recent) in expected.items():
+            assert read[item] == pytest.approx((1.0, np.log1p(count), np.log1p(recent)), abs=1e-6)
+        assert values[0][items[0] == 0].abs().sum() == 0  # the padding adds nothing
+
+
+def memory_model(config_dict, backbone):
+    settings = {**config_dict, "backbone": backbone, "device_memory": True}
+    if backbone == "DeepFM":
+        settings.update(load_col=None, mlp_hidden_size=[8, 8])
+    return build(settings)
+
+
+@pytest.mark.parametrize("backbone", ["GRU4Rec", "DeepFM"])
+def test_a_zero_memory_is_the_plain_device_view(tiny_config, backbone):
+    config, (_, _, test_data), model, _ = memory_model(tiny_config, backbone)
+    model.eval()
+    with torch.no_grad():
+        model.metapatch.normal_(0, 0.5)
+    model.view = "device"
+    batch = next(iter(test_data))[0]
+    score = model.full_sort_predict if backbone == "GRU4Rec" else model.predict
+    with torch.no_grad():
+        remembered = score(batch)
+        memory, model.memory = model.memory, None
+        plain = score(batch)
+        model.memory = memory
+        model.memory.weights.copy_(torch.tensor([0.5, 0.3, -0.2]))
+        raised = score(batch)
+    assert torch.equal(remembered, plain)
+    changed = (raised - plain).abs() > 0
+    assert changed.any()
+    if backbone == "GRU4Rec":  # only the items each user had before the row
+        own = torch.zeros_like(changed)
+        own.scatter_(1, batch[ITEMS], batch[VALUES][..., 0] > 0)
+        assert torch.equal(changed, own)
+
+
+@pytest.mark.parametrize("backbone", ["GRU4Rec", "DeepFM"])
+def test_the_weights_are_chosen_by_what_the_reduced_rows_score_as_the_full_model_does(tiny_config, backbone):
+    config, (train_data, _, _), model, _ = memory_model(tiny_config, backbone)
+    with torch.no_grad():
+        model.metapatch.normal_(0, 0.5)
+    rows = train_data.dataset[:21]
+    chunks = [rows[start : start + 7] for start in range(0, 21, 7)]
+    with frozen(model):
+        scored = RankedRows(model, chunks, "ndcg", 10) if backbone == "GRU4Rec" else LabelledRows(model, chunks)
+        for weights in (torch.zeros(3), torch.tensor([1.0, 0.5, 2.0])):
+            model.memory.weights.copy_(weights)
+            logits = model(rows, model.metapatch[rows[model.USER_ID]])
+            if backbone == "GRU4Rec":  # NDCG@10 of the full scores, the padding item left out as in evaluation
+                logits[:, 0] = -torch.inf
+                target = logits.gather(1, rows[model.objective.target_field][:, None])
+                rank = (logits > target).sum(1)
+                expected = torch.where(rank < 10, 1 / torch.log2(rank.float() + 2), torch.zeros(())).mean()
+            else:
+                expected = -model.objective.loss(logits, rows).mean()
+            assert float(scored(weights)) == pytest.approx(float(expected), abs=1e-6)
+    chosen = fit_memory(model, rows, "NDCG@10" if backbone == "GRU4Rec" else "AUC", chunk_size=7, device="cpu")
+    assert torch.equal(model.memory.weights, chosen)
+    with frozen(model):
+        assert float(scored(chosen)) >= max(float(scored(torch.tensor(point))) for point in ([0.0] * 3, [1.0] * 3))
+
+
+@pytest.mark.parametrize("backbone", ["GRU4Rec", "DeepFM"])
+def test_the_batched_device_phase_with_a_memory_equals_a_per_device_loop(tiny_config, backbone):
+    settings = {**tiny_config, "backbone": backbone, "device_memory": True, "device_chunk_size": 7}
+    if backbone == "DeepFM":
+        settings.update(load_col=None, mlp_hidden_size=[8, 8])
+    _, model, local, device_settings = local_setup(settings)
+    model.memory.weights.copy_(torch.tensor([0.5, 0.3, -0.2]))
+    start = random_start(model, local)
+    batched = personalise(model, local, start, device_settings, seed=7)
+    loop = personalise_one_by_one(model, local, start, device_settings, seed=7)
+    assert (batched.metapatch - start).abs().max() > 1e-3  # it trained
+    assert (batched.metapatch - loop.metapatch).abs().max() < 1e-5
+    assert torch.equal(batched.adopted, loop.adopted)
+
+
+def test_a_run_with_the_memory_reports_it_and_its_saved_model_reads_the_same(tiny_config):
+    from recbole_dccl.quick_start import load_data_and_model
+
+    config, (train_data, valid_data, test_data), model, trainer = build({**tiny_config, "device_memory": True})
+    trainer.fit(train_data, valid_data, verbose=False, saved=True, test_data=test_data)
+    assert model.memory.weights.abs().sum() > 0  # fitted in round 1
+    assert trainer.report["config"]["device_memory"] is True
+    _, loaded, _, _, _, loaded_test = load_data_and_model(trainer.saved_model_file, reading="selected")
+    loaded.eval(), model.eval()
+    first, again = next(iter(loaded_test))[0], next(iter(loaded_test))[0]  # each model completes its own batch
+    with torch.no_grad():
+        assert torch.allclose(loaded.full_sort_predict(first), model.full_sort_predict(again), atol=1e-6)
+
+
+def test_the_memory_needs_the_time_of_each_interaction(ctr_config):
+    with pytest.raises(InputError, match="TIME_FIELD.*device_memory"):
+        build({**ctr_config, "device_memory": True, "load_col": {"inter": ["user_id", "item_id", "rating"]}})
+
+
+def test_a_device_computes_the_memorys_fields_as_the_trainer_does(memory_config):
+    config, (train_data, valid_data, test_data), model, _ = build(memory_config, dataset="hand")
+    model.hold_histories([train_data.dataset, valid_data.dataset, test_data.dataset])
+    dataset = train_data.dataset
+    user = dataset.token2id(dataset.uid_field, ["a"])
+    items = dataset.token2id(dataset.iid_field, [str(item) for item, _ in MINE])
+    times = [float(time) for _, time in MINE]
+    row_times = torch.tensor([1.0, 4.0, 7.5, 12.0, 13.0])
+    expected_items, expected_values = model.memory.histories.features(
+        torch.full((5,), int(user)), row_times, dataset.item_num
+    )
+    fields = memory_fields(np.asarray(items)[::-1], np.asarray(times)[::-1], row_times.numpy())  # any order
+    assert np.array_equal(fields[ITEMS], expected_items.numpy())
+    assert np.allclose(fields[VALUES], expected_values.numpy(), atol=1e-6)
