@@ -13,7 +13,8 @@ from its seed's other cells started from another round 0 and is refused). Extra 
 every run.
 
 Writes to ``--out``: ``summary.json``, ``summary.md`` (mean ± std over seeds, overall, per user group and per target
-type, and the paired per-user gain over cloud-only with a 95% bootstrap confidence interval), ``groups.png``
+type, and the paired per-user gain over cloud-only with a 95% bootstrap confidence interval, and over each row named
+by ``--versus``), ``groups.png``
 (per-group test NDCG@10), ``types.png`` (per target type: repeat or explore, where the cells hold each user's type)
 and ``rounds.png`` (test NDCG@10 of both views after every phase).
 """
@@ -191,7 +192,10 @@ def paired_gain(results, baselines, metric, users=None, samples=BOOTSTRAP_SAMPLE
         point += pairs.sum(axis=0)
         draws = rng.integers(0, len(pairs), size=(samples, len(pairs)))
         totals += pairs[draws].sum(axis=1).T
-    gains = totals[0] / totals[1] - 1
+    if point[1] == 0:  # a baseline that scores nothing there (Frequency on explore targets): no relative gain
+        return {"gain": float("nan"), "ci95": [float("nan"), float("nan")]}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gains = totals[0] / totals[1] - 1
     low, high = np.percentile(gains, [2.5, 97.5])
     return {"gain": float(point[0] / point[1] - 1), "ci95": [float(low), float(high)]}
 
@@ -234,7 +238,7 @@ def type_mean(results, metric, members, kind):
     return mean_std(means)
 
 
-def summarise(cells, variants, seeds):
+def summarise(cells, variants, seeds, versus=()):
     rows = model_rows(cells, variants, seeds)
     baselines = rows["cloud-only"]
     metrics = reported_metrics(baselines[0]["test"])
@@ -271,19 +275,35 @@ def summarise(cells, variants, seeds):
             row[SHARE] = mean_std(share)
         # The second baseline: the model-over-data cloud of the same seed, read as the row is (deployed rows against
         # its deployed model, every other row against its selected one).
-        versus = "data cloud deployed" if name.endswith(" deployed") and "data cloud deployed" in rows else "data cloud"
-        if versus in rows and not name.startswith("data cloud"):
+        data_row = "data cloud deployed" if name.endswith(" deployed") and "data cloud deployed" in rows else "data cloud"
+        if data_row in rows and not name.startswith("data cloud"):
             row["paired_gain_vs_data"] = {
-                scope: {metric: gain_over(results, rows[versus], metric, members, group) for metric in metrics}
+                scope: {metric: gain_over(results, rows[data_row], metric, members, group) for metric in metrics}
                 for scope, group in (("all", None), ("least_active_group", group_names[0]))
             }
         summary["rows"][name] = row
+    summary["versus"] = {
+        baseline: {name: versus_row(results, rows[baseline], per_user, members, group_names[0], types)
+                   for name, results in rows.items() if name != baseline}
+        for baseline in versus
+    }
     dccl = dccl_variants(cells, variants, seeds)
     summary["settings"] = {variant: variant_settings(cells, variant, seeds) for variant in dccl}
     summary["rounds"] = round_curves(cells, dccl, seeds, metrics[0])
     summary["by_rounds"] = by_rounds(cells, dccl, seeds, metrics[0])
     summary["cold_start"] = cold_start_rows(cells, variants, seeds, metrics)
     return summary
+
+
+def versus_row(results, baselines, metrics, members, least_active, types):
+    """Paired per-user gains of ``results`` over another row's ``baselines`` (same seeds): overall, for the least
+    active group and per target type."""
+    scopes = {"all": None, "least_active_group": [set(seed[least_active]) for seed in members]}
+    for kind in TYPES if types else ():
+        if all(seed_members[kind] for seed_members in types):
+            scopes[kind] = [set(seed_members[kind]) for seed_members in types]
+    return {scope: {metric: paired_gain(results, baselines, metric, users) for metric in metrics}
+            for scope, users in scopes.items()}
 
 
 def variant_settings(cells, variant, seeds):
@@ -361,7 +381,7 @@ def markdown(summary):
     metrics, main = summary["metrics"], summary["metrics"][0]
     fmt = lambda s: f"{s['mean']:.4f} ± {s['std']:.4f}"
     ci = lambda g: f"[{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]" if "ci95" in g else f"± {100 * g['std']:.1f} per seed"
-    gain = lambda g: f"{100 * g['gain']:+.1f}% {ci(g)}"
+    gain = lambda g: f"{100 * g['gain']:+.1f}% {ci(g)}" if np.isfinite(g["gain"]) else "—"
     lines = [
         f"{len(summary['seeds'])} seeds {summary['seeds']}; mean ± std over seeds; gain vs the same seed's cloud-only "
         "model: paired per user over all seeds' users with a 95% bootstrap interval [low, high] where the runs hold "
@@ -406,6 +426,12 @@ def markdown(summary):
                       if kind in row["types"] else "—" for kind in TYPES]
             share = fmt(row[SHARE]) if SHARE in row else "—"
             lines.append(f"| {name} | " + " | ".join(values) + f" | {share} |")
+    for baseline, table in summary.get("versus", {}).items():
+        scopes = list(next(iter(table.values())))
+        lines += ["", f"Test {main}: gain vs `{baseline}` of the same seed, paired per user (least active: "
+                  f"{summary['groups'][0]}):", "", "| model | " + " | ".join(scopes) + " |", "|---" * (len(scopes) + 1) + "|"]
+        for name, gains in table.items():
+            lines.append(f"| {name} | " + " | ".join(gain(gains[scope][main]) for scope in scopes) + " |")
     if any(len(table) > 1 for table in summary["by_rounds"].values()):
         lines += ["", f"Test {main} (mean over seeds) after R rounds: selected on valid among the phases so far / "
                   "deployed at the end of round R:", "", "| model | R | cloud selected | cloud deployed | "
@@ -483,8 +509,8 @@ def save_figure(figure, axes, xlabel, ylabel, path):
     pyplot.close(figure)
 
 
-def write_report(out, variants, seeds):
-    summary = summarise(load_cells(out, variants, seeds), variants, seeds)
+def write_report(out, variants, seeds, versus=()):
+    summary = summarise(load_cells(out, variants, seeds), variants, seeds, versus)
     with open(os.path.join(out, "summary.json"), "w") as file:
         json.dump(summary, file, indent=2)
     table = markdown(summary)
@@ -506,6 +532,8 @@ def main():
     parser.add_argument("--variants", default="dccl,data", help=f"comma-separated, from {list(VARIANTS)} and --variant")
     parser.add_argument("--variant", action="append", default=[], help="define one: name:key=value,key=value")
     parser.add_argument("--config_files", default=None, help="RecBole config files for every run, space-separated")
+    parser.add_argument("--versus", default="", help="comma-separated rows of the summary (e.g. 'repeatnet,dccl "
+                        "device deployed') that every other row is also compared with, user by user")
     args, passthrough = parser.parse_known_args()
     # Every run works in --out: paths given relative to here must still find their files there.
     if args.config_files:
@@ -527,7 +555,7 @@ def main():
     for seed in seeds:
         for variant in variants:
             run_cell(args, passthrough, variant, defined[variant], seed)
-    print(write_report(out, variants, seeds))
+    print(write_report(out, variants, seeds, [row for row in args.versus.split(",") if row]))
 
 
 if __name__ == "__main__":

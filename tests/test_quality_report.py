@@ -148,6 +148,22 @@ def test_rows_by_target_type_where_the_cells_name_each_users_type(cells):
     assert "**Repeat targets: test ndcg@10" in tables and "**Explore targets: test ndcg@10" in tables
 
 
+def test_every_row_against_a_named_row_overall_least_active_and_by_type(cells):
+    """``--versus``: the device helps users 1-20 (repeat targets, the least active group) by 50%; Frequency doubles
+    everyone."""
+    name_types(cells, lambda user: "repeat" if user <= 20 else "explore")
+    variants = ["dccl", "data", "frequency"]
+    table = quality.write_report(cells, variants, [2020, 2021], versus=["frequency", "dccl cloud"])
+    with open(os.path.join(cells, "summary.json")) as file:
+        versus = json.load(file)["versus"]
+    device = versus["dccl cloud"]["dccl device"]
+    assert device["least_active_group"]["ndcg@10"]["gain"] == pytest.approx(0.5)
+    assert device["repeat"]["ndcg@10"]["gain"] == pytest.approx(0.5)
+    assert device["explore"]["ndcg@10"]["gain"] == pytest.approx(0.0)
+    assert versus["frequency"]["cloud-only"]["all"]["ndcg@10"]["gain"] == pytest.approx(-0.5)
+    assert "frequency" not in versus["frequency"] and "gain vs `dccl cloud`" in table
+
+
 def test_a_type_without_targets_has_no_rows(cells):
     """ml-100k: nobody returns to a movie, so every target is an explore one."""
     name_types(cells, lambda user: "explore")
