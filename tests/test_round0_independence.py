@@ -66,3 +66,16 @@ def test_round_0_model_is_bit_for_bit_the_same_whatever_the_device_side_settings
         models.append(torch.load(path, weights_only=True)["state_dict"])
     assert models[0].keys() == models[1].keys()
     assert all(torch.equal(models[0][name], models[1][name]) for name in models[0])
+
+
+def test_a_run_that_loads_its_round_0_goes_on_exactly_as_the_run_that_trained_it(tiny_config, tmp_path):
+    """Step 1 trains W_f with dropout: it draws from streams that round 0's training would have moved on."""
+    histories = []
+    for _ in range(2):  # the first run trains round 0 and writes the checkpoint, the second loads it
+        config, (train_data, valid_data, _), model, trainer = build({
+            **tiny_config, "dropout_prob": 0.3, "metric_decimal_place": 10,
+            "cloud_checkpoint": str(tmp_path / "cloud.pth"),
+        })
+        trainer.fit(train_data, valid_data, verbose=False, saved=False)
+        histories.append(trainer.history)
+    assert histories[0][1:] == histories[1][1:]  # every phase of round 1, both views, every metric

@@ -7,7 +7,7 @@ from time import time
 
 import torch
 from recbole.trainer import Trainer
-from recbole.utils import ModelType, dict2str, set_color
+from recbole.utils import ModelType, dict2str, init_seed, set_color
 
 from recbole_dccl.data import RoundSchedule
 from recbole_dccl.defaults import dccl_defaults
@@ -107,8 +107,12 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             self.saved_files[reading] = {"round": phase["round"], "phase": phase["phase"], "path": files[reading]}
 
     def _start_round(self, schedule, round_idx):
-        """Set up round ``round_idx``: the users' visible history for the encoder, and the loader and row cache of
-        the rows the devices hold (which the cloud then takes in); returns those rows (:class:`TrainingRows`)."""
+        """Set up round ``round_idx``: the random streams, the users' visible history for the encoder, and the loader
+        and row cache of the rows the devices hold (which the cloud then takes in); returns those rows
+        (:class:`TrainingRows`). The streams start from the seed and the round alone, so a run that loaded its
+        round-0 model (``cloud_checkpoint``) goes on exactly as the run that trained it (dropout in step 1 draws
+        from them)."""
+        init_seed(self.config["seed"] + self.config["local_rank"] + round_idx, self.config["reproducibility"])
         rows = schedule.training_rows(schedule.device_rows(round_idx), round_idx)
         self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
         self.round_loader = rows.loader(self.config)

@@ -134,9 +134,10 @@ class ResumedRun:
         )
 
     def restore_training(self, trainer, round_idx):
-        """Model, optimizer and generators as they were when the file was written, before a phase of round
-        ``round_idx``; if that is the file's round, also the round's loader position and teachers. A round 0 cut
-        between epochs is restored by round 0 itself, once its loader is built (:meth:`restore_round_0`)."""
+        """Model and optimizer as they were when the file was written, before a phase of round ``round_idx``; if that
+        is the file's round, also the round's loader position, teachers and random streams (a later round seeds its
+        own streams at its start). A round 0 cut between epochs is restored by round 0 itself, once its loader is
+        built (:meth:`restore_round_0`)."""
         if self.round_0:
             trainer.resumed_round_0 = self
             return
@@ -144,12 +145,12 @@ class ResumedRun:
         trainer.model.load_state_dict(state["model"])
         trainer.model.eval()  # as the file's run left it: every phase ends with an evaluation
         trainer.optimizer.load_state_dict(state["optimizer"])
-        if state["round"] == round_idx:
+        if state["round"] == round_idx:  # else the round's start has seeded the streams, as in the file's run
             trainer.round_loader.generator.set_state(state["loader_generator"])
             if state["teachers"] is not None:
                 teachers = {name: value.to(trainer.device) for name, value in state["teachers"].items()}
                 trainer.teachers = DeviceTeachers(trainer.model, teachers, cache=trainer.round_cache)
-        set_rng_states(state["rng"])
+            set_rng_states(state["rng"])
 
     def restore_round_0(self, trainer, loader):
         """Model, optimizer, generators and RecBole's early-stopping state as round 0 left them after its last
