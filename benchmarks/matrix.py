@@ -29,6 +29,7 @@ ROWS = (  # (label, row name in summary.json)
     ("model-over-data, selected", "data cloud"),
     ("model-over-data, deployed", "data cloud deployed"),
     *variant_rows("dccl", "DCCL (defaults)"),
+    *variant_rows("v2", "DCCL (v2 defaults: no memory)"),
     *variant_rows("v1", "DCCL (v1 defaults)"),
 )
 

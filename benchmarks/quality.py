@@ -35,10 +35,12 @@ from recbole_dccl.trainer.resume import run_state_files
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     "dccl": {},  # metapatch devices + MoMoDistill, with the shipped defaults (properties/model/DCCL.yaml)
-    # The defaults before issue 33 (docs/method.md, "How the defaults were chosen"): the cells run with them.
-    "v1": {"device_data": "fresh", "metapatch_dim": 16, "device_learning_rate": 0.1, "device_epochs": 20},
+    # Earlier defaults (docs/method.md, "How the defaults were chosen"): v2 before the personal memory (issue 34),
+    # v1 before issue 33.
+    "v2": {"device_memory": False},
+    "v1": {"device_data": "fresh", "metapatch_dim": 16, "device_learning_rate": 0.1, "device_epochs": 20,
+           "device_memory": False},
     "data": {"device_method": "none", "cloud_method": "data"},  # model-over-data: incremental training, no devices
-    "memory": {"device_memory": True},  # the shipped defaults plus the personal memory (docs/method.md)
     "patch": {"device_method": "patch"},  # a full per-user patch instead of a metapatch
     "selfdistill": {"device_method": "none"},  # MoMoDistill's loss with the cloud model as every device's teacher
     # Plain models (``model`` other than DCCL), trained on every training row, on the same splits and metrics:
@@ -307,10 +309,11 @@ def versus_row(results, baselines, metrics, members, least_active, types):
 
 
 def variant_settings(cells, variant, seeds):
-    """The DCCL settings ``variant``'s cells ran with (the keys of DCCL.yaml but :data:`BENCHMARK_KEYS`), the same
-    in every seed: what the variant's name stands for in this folder."""
+    """The DCCL settings ``variant``'s cells ran with (the keys of DCCL.yaml but :data:`BENCHMARK_KEYS`; a cell run
+    before a key existed records none for it), the same in every seed: what the variant's name stands for here."""
     method_keys = [key for key in dccl_defaults() if key not in BENCHMARK_KEYS]
-    per_seed = [{key: cells[variant, seed]["config"][key] for key in method_keys} for seed in seeds]
+    per_seed = [{key: cells[variant, seed]["config"][key] for key in method_keys if key in cells[variant, seed]["config"]}
+                for seed in seeds]
     if any(settings != per_seed[0] for settings in per_seed[1:]):
         raise ValueError(f"the cells of {variant} ran with different settings in different seeds: {per_seed}")
     return per_seed[0]

@@ -181,10 +181,10 @@ def cells_values(cells, variant, seed):
 
 
 def test_the_dccl_variant_is_the_shipped_defaults_in_every_committed_folder():
-    """``dccl`` means the YAML defaults, in quality.py and in every committed folder's cells; ``v1`` means the old
-    defaults there. A change of a default without running its folders again fails here."""
+    """``dccl`` means the YAML defaults, in quality.py and in every committed folder's cells; ``v2`` and ``v1`` mean
+    the earlier defaults there. A change of a default without running its folders again fails here."""
     method_defaults = {key: value for key, value in dccl_defaults().items() if key not in quality.BENCHMARK_KEYS}
-    expected = {name: {**method_defaults, **quality.VARIANTS[name]} for name in ("dccl", "v1")}
+    expected = {name: {**method_defaults, **quality.VARIANTS[name]} for name in ("dccl", "v2", "v1")}
     # Keys added after a folder's cells were run, at the value that runs as the code did before them.
     predated = {"device_memory": False}
     assert quality.VARIANTS["dccl"] == {}
@@ -194,8 +194,8 @@ def test_the_dccl_variant_is_the_shipped_defaults_in_every_committed_folder():
     for path in folders:
         with open(path) as file:
             settings = json.load(file)["settings"]
-        assert {"dccl", "v1"} & set(settings), path
-        for name in ("dccl", "v1"):
+        assert {"dccl", "v2", "v1"} & set(settings), path
+        for name in ("dccl", "v2", "v1"):
             if name in settings:
                 assert {**predated, **settings[name]} == expected[name], (path, name)
 

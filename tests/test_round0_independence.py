@@ -11,7 +11,7 @@ from tests.helpers import build
 # A value other than the tiny runs' for every DCCL key that is not about the data protocol or files.
 OTHER_VALUES = {
     "device_method": "patch",
-    "device_memory": True,
+    "device_memory": False,
     "cloud_method": "data",
     "patch_sites": "backbone.dense",
     "metapatch_dim": 64,
