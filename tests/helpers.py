@@ -35,6 +35,8 @@ def build(config_dict, model="DCCL", dataset="tiny", config_file_list=None):
     train_data, valid_data, test_data = data_preparation(config, data)
     init_seed(config["seed"], config["reproducibility"])
     net = get_model(config["model"])(config, train_data.dataset).to(config["device"])
+    if getattr(net, "is_dccl", False):  # as prepare() does
+        net.hold_histories([train_data.dataset, valid_data.dataset, test_data.dataset])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
     return config, (train_data, valid_data, test_data), net, trainer
 
@@ -45,6 +47,7 @@ def device_phase_metapatch(config_dict, out_dir=None):
     config, (train_data, _, _), model, trainer = build(config_dict)
     trainer.verbose = False
     schedule = RoundSchedule(config, train_data)
+    trainer._start_round(schedule, 1)
     trainer._device_phase(1, schedule.training_rows(schedule.device_rows(1), 1))
     if out_dir is None:
         return model.uploaded_metapatch.cpu()

@@ -39,7 +39,7 @@ def test_exported_device_model_reproduces_device_scores(tiny_config, tmp_path):
             scores = device_model(metapatch[rows], *(batch[field][rows] for field in manifest["inputs"][1:]))
             assert (scores - expected[rows]).abs().max() < 1e-5
 
-    assert manifest["inputs"] == ["metapatch", "item_id_list", "item_length"]
+    assert manifest["inputs"] == ["metapatch", "item_id_list", "item_length", "dccl_memory_items", "dccl_memory_values"]
     assert len(os.listdir(os.path.join(out, "metapatch"))) == manifest["users"] == 30  # no temporary files left
     sizes = manifest["bytes"]
     assert sizes["metapatch"] == 4 * config["metapatch_dim"]

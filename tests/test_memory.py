@@ -56,11 +56,15 @@ def test_the_memory_reads_what_the_user_did_before_the_row_and_nothing_else(memo
         assert values[0][items[0] == 0].abs().sum() == 0  # the padding adds nothing
 
 
-def memory_model(config_dict, backbone):
-    settings = {**config_dict, "backbone": backbone, "device_memory": True}
-    if backbone == "DeepFM":
+def memory_settings(config_dict, backbone, **more):
+    settings = {**config_dict, "backbone": backbone, "device_memory": True, **more}
+    if backbone == "DeepFM":  # CTR: every field loaded, ratings give the labels
         settings.update(load_col=None, mlp_hidden_size=[8, 8])
-    return build(settings)
+    return settings
+
+
+def memory_model(config_dict, backbone):
+    return build(memory_settings(config_dict, backbone))
 
 
 @pytest.mark.parametrize("backbone", ["GRU4Rec", "DeepFM"])
@@ -116,10 +120,7 @@ def test_the_weights_are_chosen_by_what_the_reduced_rows_score_as_the_full_model
 
 @pytest.mark.parametrize("backbone", ["GRU4Rec", "DeepFM"])
 def test_the_batched_device_phase_with_a_memory_equals_a_per_device_loop(tiny_config, backbone):
-    settings = {**tiny_config, "backbone": backbone, "device_memory": True, "device_chunk_size": 7}
-    if backbone == "DeepFM":
-        settings.update(load_col=None, mlp_hidden_size=[8, 8])
-    _, model, local, device_settings = local_setup(settings)
+    _, model, local, device_settings = local_setup(memory_settings(tiny_config, backbone, device_chunk_size=7))
     model.memory.weights.copy_(torch.tensor([0.5, 0.3, -0.2]))
     start = random_start(model, local)
     batched = personalise(model, local, start, device_settings, seed=7)

@@ -136,7 +136,8 @@ def test_device_command_line_runs_without_torch(tiny_config, tmp_path):
         assert report["peak_rss_bytes"] >= report["peak_rss_after_imports_bytes"] > 0
     wrong_data = run_on_device([*commands[1][:3], f"--data={metapatch}", "--out=kept.npz"], tmp_path)
     assert wrong_data.returncode == 2
-    assert f"[{metapatch}] has no array item_id_list, item_length, item_id; it holds: metapatch" in wrong_data.stderr
+    missing = "item_id_list, item_length, dccl_memory_items, dccl_memory_values, item_id"
+    assert f"[{metapatch}] has no array {missing}; it holds: metapatch" in wrong_data.stderr
 
     # What the commands wrote is what the library gives (train: its default order, from seed 0).
     start, arrays = load_arrays(metapatch)["metapatch"], load_arrays(data)

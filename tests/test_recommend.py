@@ -20,7 +20,8 @@ from tests.helpers import build
 # here so that the tests do not depend on it), and a step 2 that moves the encoder's metapatch far enough from zero
 # to change some device lists: the deployed model (round 1 shared) then differs from the selected one (round 1 device).
 ADOPTING = {"device_data": "all", "metapatch_dim": 64, "device_learning_rate": 0.01, "device_epochs": 10,
-            "shared_learning_rate": 0.01, "shared_epochs": 2}
+            "shared_learning_rate": 0.01, "shared_epochs": 2,
+            "device_memory": False}  # patches alone: the memory would change every user's device view
 
 
 @pytest.fixture(scope="module")

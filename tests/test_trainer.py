@@ -167,11 +167,11 @@ def test_device_method_none_has_no_device_models(tiny_config):
 )
 def test_device_view_without_patches_is_scored_as_the_cloud_view(request, fixture, overrides):
     config, (train_data, valid_data, test_data), model, trainer = build({**request.getfixturevalue(fixture), **overrides})
-    evaluated = []  # (phase index, view, whether any device holds a patch)
+    evaluated = []  # (phase index, view, whether any device holds a patch or the memory has weights)
     score_view = trainer._score_view
 
     def counted(view):
-        evaluated.append((len(trainer.history), view, bool(model.metapatch.any())))
+        evaluated.append((len(trainer.history), view, not trainer._device_view_is_cloud()))
         return score_view(view)
 
     trainer._score_view = counted
@@ -180,8 +180,10 @@ def test_device_view_without_patches_is_scored_as_the_cloud_view(request, fixtur
     assert devices and all(has_patch for _, has_patch in devices)
     assert 0 not in [index for index, _ in devices]
     assert trainer.report["history"][0]["device"] == trainer.report["history"][0]["cloud"]
-    # What it rests on: with every metapatch zero, evaluating the device view gives the cloud view's scores exactly.
+    # What it rests on: with every metapatch and the memory's weights zero, evaluating the device view gives the cloud
+    # view's scores exactly.
     model.metapatch.zero_()
+    model.memory.weights.zero_()
     assert score_view("device") == score_view("cloud")
 
 

@@ -57,12 +57,13 @@ class DCCL(AbstractRecommender):
         self.objective = family.objective(self.backbone, config)
         self.view = "cloud"
 
+        has_memory = config["device_memory"] and config["device_method"] != "none"
+        self.memory = PersonalMemory(dataset) if has_memory else None
         # Everything outside the backbone draws from a random stream of its own: how many numbers the patches and
         # the encoder draw depends on the device-side settings, and on the global stream it would change round 0,
         # which trains the backbone from there (so two device settings would be compared on two cloud models).
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(config["seed"])
-            self.memory = PersonalMemory(dataset) if config["device_memory"] and config["device_method"] != "none" else None
             metapatch_dim = self._add_device_side(config, dataset, family)
         if not self.encoder.has_profile:
             self.logger.warning("DCCL: the dataset has no .user profile features; the encoder runs without them.")

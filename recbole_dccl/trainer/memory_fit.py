@@ -8,8 +8,9 @@ the device phase (cloud model 0.3956): weights trained per device on all of its 
 zero); started from 1 each and trained per device, 0.3993 (trained back down); 1 each, fixed, 0.4293. In the static
 protocol the cloud has trained on every row, and the choice has only those.
 
-By what: the run's ``valid_metric`` where it is a top-K ranking metric (NDCG, Hit, Recall, MRR, Precision @K), else
-(CTR models) the objective's loss. Not the loss for ranking: the loss also counts how far the memory lowers the
+By what: for a sequential model, the run's ``valid_metric`` where it is a top-K ranking metric (NDCG, Hit, Recall,
+MRR, Precision @K) over the whole catalogue; else (CTR models, whose rows are scored one by one) the objective's
+loss. Not the loss for ranking: the loss also counts how far the memory lowers the
 probability of a target the user never had, which top-K ranking does not, and the two disagree: on the same seed the
 weights of lowest validation cross-entropy (own 1.07, log-count -0.32, log-recent -0.22: 5.03 against the cloud's
 5.07) scored NDCG@10 0.3849, below the cloud model, and weights 1, 1, 1 (cross-entropy 6.23) scored 0.4293.
@@ -26,6 +27,7 @@ import re
 import torch
 
 from recbole_dccl.model.memory import FEATURES, ITEMS, VALUES
+from recbole_dccl.model.objectives import NextItemObjective
 from recbole_dccl.trainer.device_phase import frozen
 
 GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # each weight's candidates (logits per unit of its feature)
@@ -38,6 +40,7 @@ def fit_memory(model, rows, valid_metric, chunk_size, device):
     memory = model.memory
     memory.weights.zero_()
     ranking = re.fullmatch(rf"({'|'.join(RANKING_METRICS)})@(\d+)", valid_metric.lower())
+    ranking = ranking if isinstance(model.objective, NextItemObjective) else None  # CTR rows are scored one by one
     with frozen(model):
         chunks = [rows[start : start + chunk_size].to(device) for start in range(0, len(rows), chunk_size)]
         score = (RankedRows(model, chunks, ranking[1], int(ranking[2])) if ranking else LabelledRows(model, chunks))
