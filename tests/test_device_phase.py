@@ -24,18 +24,24 @@ def random_start(model, local):
     return 0.1 * torch.randn(len(local.users), model.metapatch.shape[1], generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("protocol", ["incremental", "static"])
-@pytest.mark.parametrize("valid_size,l2,select", [(1, 0.0, "best"), (0, 0.1, "best"), (2, 0.0, "last")])
-def test_batched_device_phase_equals_per_user_loop(tiny_config, protocol, valid_size, l2, select):
-    settings_dict = {**tiny_config, "device_valid_size": valid_size, "device_l2": l2, "device_chunk_size": 7,
-                     "device_select": select}
-    _, model, local, settings = local_setup(settings_dict, protocol)
+def batched_and_loop(model, local, settings):
+    """The batched device phase and the per-device loop from the same random start, checked to agree."""
     start = random_start(model, local)
     batched = personalise(model, local, start, settings, seed=7)
     loop = personalise_one_by_one(model, local, start, settings, seed=7)
     assert (batched.metapatch - start).abs().max() > 1e-3  # it trained
     assert (batched.metapatch - loop.metapatch).abs().max() < 1e-5
     assert torch.equal(batched.adopted, loop.adopted)
+    return batched, loop
+
+
+@pytest.mark.parametrize("protocol", ["incremental", "static"])
+@pytest.mark.parametrize("valid_size,l2,select", [(1, 0.0, "best"), (0, 0.1, "best"), (2, 0.0, "last")])
+def test_batched_device_phase_equals_per_user_loop(tiny_config, protocol, valid_size, l2, select):
+    settings_dict = {**tiny_config, "device_valid_size": valid_size, "device_l2": l2, "device_chunk_size": 7,
+                     "device_select": select}
+    _, model, local, settings = local_setup(settings_dict, protocol)
+    batched, loop = batched_and_loop(model, local, settings)
     assert torch.allclose(batched.train_loss, loop.train_loss, atol=1e-5, equal_nan=True)
     assert batched.train_loss.isfinite().any()
     if valid_size:

@@ -11,11 +11,11 @@ import torch
 from dccl_device.memory import memory_fields
 from recbole_dccl.errors import InputError
 from recbole_dccl.model.memory import ITEMS, RECENCY_DECAY, VALUES
-from recbole_dccl.trainer.device_phase import frozen, personalise, personalise_one_by_one
+from recbole_dccl.trainer.device_phase import frozen
 from recbole_dccl.trainer.memory_fit import LabelledRows, RankedRows, fit_memory
 from tests.conftest import TINY_SETTINGS
 from tests.helpers import build
-from tests.test_device_phase import local_setup, random_start
+from tests.test_device_phase import batched_and_loop, local_setup
 
 # One user's interactions (item token, time); a second user's, which the first one's memory must never read.
 MINE = [(5, 1), (7, 2), (5, 3), (9, 4), (5, 5), (7, 6), (8, 7), (9, 8), (6, 9), (5, 10), (7, 11), (9, 12)]
@@ -122,12 +122,7 @@ def test_the_weights_are_chosen_by_what_the_reduced_rows_score_as_the_full_model
 def test_the_batched_device_phase_with_a_memory_equals_a_per_device_loop(tiny_config, backbone):
     _, model, local, device_settings = local_setup(memory_settings(tiny_config, backbone, device_chunk_size=7))
     model.memory.weights.copy_(torch.tensor([0.5, 0.3, -0.2]))
-    start = random_start(model, local)
-    batched = personalise(model, local, start, device_settings, seed=7)
-    loop = personalise_one_by_one(model, local, start, device_settings, seed=7)
-    assert (batched.metapatch - start).abs().max() > 1e-3  # it trained
-    assert (batched.metapatch - loop.metapatch).abs().max() < 1e-5
-    assert torch.equal(batched.adopted, loop.adopted)
+    batched_and_loop(model, local, device_settings)
 
 
 def test_a_run_with_the_memory_reports_it_and_its_saved_model_reads_the_same(tiny_config):
