@@ -128,8 +128,6 @@ def prepare(config, verbose=True):
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, loaders[0].dataset).to(config["device"])
-    if getattr(model, "is_dccl", False):  # the personal memory reads what users did before the rows it scores
-        model.hold_histories([loader.dataset for loader in loaders])
     logger.info(model)
     return dataset, loaders, model
 
@@ -206,6 +204,7 @@ def load_from_checkpoint(model_file, checkpoint, verbose=True):
     model.load_other_parameter(checkpoint.get("other_parameter"))
     if getattr(model, "is_dccl", False):
         model.view = "device"
+        model.hold_histories([data.dataset for data in (train_data, valid_data, test_data)])  # as fit() does
     return config, model, dataset, train_data, valid_data, test_data
 
 

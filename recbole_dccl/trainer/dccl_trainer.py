@@ -16,11 +16,11 @@ from recbole_dccl.distributed import (
 )
 from recbole_dccl.evaluation import UserGroupEvaluationMixin
 from recbole_dccl.errors import NonFiniteLoss
+from recbole_dccl.model.memory import FEATURES
 from recbole_dccl.trainer.checkpoint import (
     SafeCheckpointMixin, check_identity, load_safe, plain, reading_files, save_atomic,
 )
 from recbole_dccl.trainer.cold_start import COLD_GROUP, cold_start_report, cold_start_table
-from recbole_dccl.model.memory import FEATURES
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
 from recbole_dccl.trainer.memory_fit import fit_memory
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
