@@ -1,7 +1,7 @@
 """The results matrix of docs/results.md: every committed quality benchmark (``docs/results/<dataset>-<backbone>-
 <protocol>/summary.json``, written by ``benchmarks/quality.py``) as one column, every model as one row.
 
-    python benchmarks/matrix.py docs/results/foursquare_nyc-GRU4Rec-incremental ...
+    python -m benchmarks.matrix docs/results/foursquare_nyc-GRU4Rec-incremental ...
 
 Prints markdown tables: test NDCG@10 (or ``--metric``, e.g. ``gauc`` for CTR backbones; mean over seeds) with the
 paired per-user gain over cloud-only and its 95% interval; the same for the least-active fifth of users, and for

@@ -1,6 +1,6 @@
 """Patch sites and sizes of DCCL over each backbone, with RecBole's default settings for the backbone.
 
-    python benchmarks/patch_sizes.py --dataset=ml-100k SASRec DIN DeepFM ...
+    python -m benchmarks.patch_sizes --dataset=ml-100k SASRec DIN DeepFM ...
 
 Prints one markdown row per backbone: family, the default patch sites and their widths, what one device learns
 and uploads (its metapatch), what a full per-user patch (the same bottlenecks, learned per user without a

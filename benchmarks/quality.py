@@ -1,22 +1,28 @@
 """Quality benchmark: the plain backbone (cloud only) against DCCL and its ablations, over several seeds.
 
-    python benchmarks/quality.py --dataset=ml-100k --backbone=SASRec --seeds=3 --out=results/q
-    python benchmarks/quality.py ... --variants=dccl,data,patch --variant=fast:device_epochs=5,device_learning_rate=0.3
+    python -m benchmarks.quality --dataset=ml-100k --backbone=SASRec --seeds=3 --out=results/q
+    python -m benchmarks.quality ... --variants=dccl,data,patch --variant=fast:device_epochs=5,device_learning_rate=0.3
+    python -m benchmarks.quality --out=docs/results/foursquare_nyc-GRU4Rec-memory --report_only
 
-Each (variant, seed) cell is one ``run_recbole_dccl.py`` run writing its own result file; finished cells are not
-run again, and a cell cut mid-run goes on from the run state in its ``saved/<variant>-seed<seed>/`` folder (after
-its last phase, or its last epoch of round 0), so an interrupted benchmark resumes. (A cell whose settings changed
-since it was cut is refused by ``resume``: delete that folder to start it afresh.) All variants of a seed share one
-round-0 cloud model (``cloud_checkpoint``): their differences are the devices' and the cloud update's alone, and every
-variant is compared with the cloud-only model of its own seed user by user (a cell whose cloud-only reading differs
-from its seed's other cells started from another round 0 and is refused). Extra ``--key=value`` arguments go to
-every run.
+A folder declares what it measures in its ``benchmark.yaml`` (written at its first run: the arguments above, the
+variants it defines with ``--variant`` and the ``--key=value`` settings given to every run; paths in it relative to
+the folder the benchmark is run from), so ``--out=<folder>`` alone runs it again, and arguments given beside it
+change the declaration (e.g. more ``--variants`` or ``--seeds``). ``--report_only`` writes the summary from the
+cells there and runs nothing (a missing cell is an error).
+
+Each (variant, seed) cell is one ``run_recbole_dccl.py`` run writing its own result file, compact JSON compressed
+with LZMA (``cells/<variant>-seed<seed>.json.xz``); finished cells are not run again, and a cell cut mid-run goes on
+from the run state in its ``saved/<variant>-seed<seed>/`` folder (after its last phase, or its last epoch of round
+0), so an interrupted benchmark resumes. (A cell whose settings changed since it was cut is refused by ``resume``:
+delete that folder to start it afresh.) All variants of a seed share one round-0 cloud model (``cloud_checkpoint``):
+their differences are the devices' and the cloud update's alone, and every variant is compared with the cloud-only
+model of its own seed user by user (a cell whose cloud-only reading differs from its seed's other cells started from
+another round 0 and is refused).
 
 Writes to ``--out``: ``summary.json``, ``summary.md`` (mean ± std over seeds, overall, per user group and per target
 type, and the paired per-user gain over cloud-only with a 95% bootstrap confidence interval, and over each row named
-by ``--versus``), ``groups.png``
-(per-group test NDCG@10), ``types.png`` (per target type: repeat or explore, where the cells hold each user's type)
-and ``rounds.png`` (test NDCG@10 of both views after every phase).
+by ``--versus``), ``groups.png`` (per-group test NDCG@10), ``types.png`` (per target type: repeat or explore, where
+the cells hold each user's type) and ``rounds.png`` (test NDCG@10 of both views after every phase).
 """
 
 import argparse
@@ -27,9 +33,11 @@ import subprocess
 import sys
 
 import numpy as np
+import yaml
 
 from recbole_dccl.defaults import dccl_defaults
 from recbole_dccl.evaluation import TYPES
+from recbole_dccl.files import read_result_file, write_atomic
 from recbole_dccl.trainer.resume import run_state_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +63,12 @@ BENCHMARK_KEYS = ("backbone", "protocol", "fresh_interactions", "rounds", "cold_
 RANKING_METRICS = ("ndcg@10", "hit@10", "gauc")  # gauc: sampled ranking (uniN) of CTR backbones
 SHARE = "repeat_share@10"  # the share of the users' own items in their top 10 (runs with target_types)
 BOOTSTRAP_SAMPLES = 2000
+CELL_SUFFIX = ".json.xz"
+DECLARATION = "benchmark.yaml"  # what a folder measures: quality.py's arguments, as data
+# The declaration's keys, the command line's flags; ``define`` holds ``--variant`` definitions, ``run`` the
+# ``--key=value`` settings given to every run.
+DECLARED = {"dataset": "ml-100k", "backbone": "GRU4Rec", "protocol": "incremental", "seeds": 3, "first_seed": 2020,
+            "variants": ["dccl", "data"], "versus": [], "config_files": None, "define": {}, "run": {}}
 
 
 def parse_variant(text):
@@ -62,39 +76,45 @@ def parse_variant(text):
     return name, dict(item.split("=", 1) for item in settings.split(",") if item)
 
 
-def run_cell(args, passthrough, variant, overrides, seed):
-    cell = cell_path(args.out, variant, seed)
+def run_cell(out, declared, variant, overrides, seed):
+    """Run the cell of ``variant`` (its settings ``overrides``) and ``seed`` of the folder ``out`` whose declaration
+    is ``declared``, unless it is written already."""
+    cell = cell_path(out, variant, seed)
     if os.path.isfile(cell):
         return
-    checkpoint_dir = os.path.join(args.out, "saved", f"{variant}-seed{seed}")
+    checkpoint_dir = os.path.join(out, "saved", f"{variant}-seed{seed}")
     resume = checkpoint_dir if run_state_files(checkpoint_dir) else None
+    backbone, protocol = declared["backbone"], declared["protocol"]
+    # Every run works in the folder: paths given relative to here must still find their files there.
+    config_files = declared["config_files"] and " ".join(os.path.abspath(path) for path in declared["config_files"].split())
+    run = {key: os.path.abspath(value) if key == "data_path" else value for key, value in declared["run"].items()}
     settings = {
-        "model": "DCCL", "dataset": args.dataset, "backbone": args.backbone, "protocol": args.protocol,
-        "seed": seed, "result_file": cell, "show_progress": False, "config_files": args.config_files,
-        "cloud_checkpoint": os.path.join(args.out, "cloud", f"{args.backbone}-{args.protocol}-seed{seed}.pth"),
+        "model": "DCCL", "dataset": declared["dataset"], "backbone": backbone, "protocol": protocol,
+        "seed": seed, "result_file": cell, "show_progress": False, "config_files": config_files,
+        "cloud_checkpoint": os.path.join(out, "cloud", f"{backbone}-{protocol}-seed{seed}.pth"),
         "checkpoint_dir": checkpoint_dir, "resume": resume,
+        # A variant's own setting wins over the same key given to every run (RecBole refuses a key given twice).
+        **{key: value for key, value in run.items() if key not in overrides},
         **overrides,
     }
     command = [sys.executable, os.path.join(ROOT, "run_recbole_dccl.py")]
     command += [f"--{key}={value}" for key, value in settings.items() if value is not None]
-    # A variant's own setting wins over the same key given to every run (RecBole refuses a key given twice).
-    command += [arg for arg in passthrough if arg.split("=", 1)[0][2:] not in settings]
-    log = os.path.join(args.out, "logs", f"{variant}-seed{seed}.log")
+    log = os.path.join(out, "logs", f"{variant}-seed{seed}.log")
     print(f"{'resuming' if resume else 'running'} {variant} seed {seed} (log: {log})", flush=True)
     with open(log, "w") as file:
-        code = subprocess.call(command, stdout=file, stderr=subprocess.STDOUT, cwd=args.out)
+        code = subprocess.call(command, stdout=file, stderr=subprocess.STDOUT, cwd=out)
     if code != 0:
         raise RuntimeError(f"{variant} seed {seed} failed (exit {code}); see {log}")
-    load_cells(args.out, finished_variants(args.out, seed), [seed])  # refuses a cell from another round 0
+    load_cells(out, finished_variants(out, seed), [seed])  # refuses a cell from another round 0
 
 
 def cell_path(out, variant, seed):
-    return os.path.join(out, "cells", f"{variant}-seed{seed}.json")
+    return os.path.join(out, "cells", f"{variant}-seed{seed}{CELL_SUFFIX}")
 
 
 def finished_variants(out, seed):
     """The variants whose cell of ``seed`` is written in ``out``."""
-    suffix = f"-seed{seed}.json"
+    suffix = f"-seed{seed}{CELL_SUFFIX}"
     return [name[:-len(suffix)] for name in sorted(os.listdir(os.path.join(out, "cells"))) if name.endswith(suffix)]
 
 
@@ -128,8 +148,7 @@ def load_cells(out, variants, seeds):
     cells = {}
     for variant in variants:
         for seed in seeds:
-            with open(cell_path(out, variant, seed)) as file:
-                cells[variant, seed] = json.load(file)
+            cells[variant, seed] = read_result_file(cell_path(out, variant, seed))
     check_shared_round0(cells)
     return cells
 
@@ -523,42 +542,82 @@ def write_report(out, variants, seeds, versus=()):
     return table
 
 
+def parse_run_settings(arguments):
+    """``--key=value`` arguments as ``{key: value}``, numbers and booleans as such, anything else as written."""
+    settings = {}
+    for argument in arguments:
+        if not argument.startswith("--") or "=" not in argument:
+            raise SystemExit(f"quality.py: error: [{argument}] is no --key=value setting for the runs")
+        key, text = argument[2:].split("=", 1)
+        value = yaml.safe_load(text)
+        settings[key] = value if isinstance(value, (bool, int, float)) else text
+    return settings
+
+
+def declaration(args, passthrough):
+    """The folder's declaration (:data:`DECLARED`'s keys): its ``benchmark.yaml`` where there is one, changed by
+    what the command line gives."""
+    path = os.path.join(args.out, DECLARATION)
+    declared = dict(DECLARED)
+    if os.path.isfile(path):
+        with open(path) as file:
+            declared.update(yaml.safe_load(file))
+    for key in ("dataset", "backbone", "protocol", "seeds", "first_seed", "config_files"):
+        if getattr(args, key) is not None:
+            declared[key] = getattr(args, key)
+    for key in ("variants", "versus"):
+        if getattr(args, key) is not None:
+            declared[key] = [name for name in getattr(args, key).split(",") if name]
+    declared["define"] = {**declared["define"], **dict(parse_variant(text) for text in args.variant)}
+    declared["run"] = {**declared["run"], **parse_run_settings(passthrough)}
+    return declared
+
+
+def write_declaration(out, declared):
+    def write(temporary):
+        with open(temporary, "w") as file:
+            yaml.safe_dump(declared, file, sort_keys=False, width=120)
+
+    write_atomic(os.path.join(out, DECLARATION), write)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--backbone", default="GRU4Rec")
-    parser.add_argument("--protocol", default="incremental", choices=("incremental", "static"))
-    parser.add_argument("--seeds", type=int, default=3, help="how many seeds: first_seed, first_seed + 1, ...")
-    parser.add_argument("--first_seed", type=int, default=2020,
+    parser.add_argument("--out", default="results/quality", help=f"the folder; its {DECLARATION} gives the defaults")
+    parser.add_argument("--dataset")
+    parser.add_argument("--backbone")
+    parser.add_argument("--protocol", choices=("incremental", "static"))
+    parser.add_argument("--seeds", type=int, help="how many seeds: first_seed, first_seed + 1, ...")
+    parser.add_argument("--first_seed", type=int,
                         help="the first seed (run seeds on two machines or processes: --first_seed=2021 --seeds=1)")
-    parser.add_argument("--out", default="results/quality")
-    parser.add_argument("--variants", default="dccl,data", help=f"comma-separated, from {list(VARIANTS)} and --variant")
+    parser.add_argument("--variants", help=f"comma-separated, from {list(VARIANTS)} and --variant")
     parser.add_argument("--variant", action="append", default=[], help="define one: name:key=value,key=value")
-    parser.add_argument("--config_files", default=None, help="RecBole config files for every run, space-separated")
-    parser.add_argument("--versus", default="", help="comma-separated rows of the summary (e.g. 'repeatnet,dccl "
-                        "device deployed') that every other row is also compared with, user by user")
+    parser.add_argument("--config_files", help="RecBole config files for every run, space-separated")
+    parser.add_argument("--versus", help="comma-separated rows of the summary (e.g. 'repeatnet,dccl device deployed') "
+                        "that every other row is also compared with, user by user")
+    parser.add_argument("--report_only", action="store_true", help="write the summary; run no cell")
     args, passthrough = parser.parse_known_args()
-    # Every run works in --out: paths given relative to here must still find their files there.
-    if args.config_files:
-        args.config_files = " ".join(os.path.abspath(path) for path in args.config_files.split())
-    passthrough = [f"--data_path={os.path.abspath(arg.split('=', 1)[1])}" if arg.startswith("--data_path=") else arg
-                   for arg in passthrough]
-    out = os.path.abspath(args.out)
-    for folder in ("cells", "logs", "cloud", "saved"):
-        os.makedirs(os.path.join(out, folder), exist_ok=True)
-    args.out = out
-
-    defined = {**VARIANTS, **dict(parse_variant(text) for text in args.variant)}
-    variants = args.variants.split(",")
-    unknown = [name for name in variants if name not in defined]
+    args.out = os.path.abspath(args.out)
+    declared = declaration(args, passthrough)
+    defined = {**VARIANTS, **declared["define"]}
+    unknown = [name for name in declared["variants"] if name not in defined]
     if unknown:
         parser.error(f"--variants: {unknown} are not defined; defined: {list(defined)}")
-    seeds = [args.first_seed + index for index in range(args.seeds)]
-    # The first cell of each seed trains the seed's shared cloud model; the others load it.
-    for seed in seeds:
-        for variant in variants:
-            run_cell(args, passthrough, variant, defined[variant], seed)
-    print(write_report(out, variants, seeds, [row for row in args.versus.split(",") if row]))
+    seeds = [declared["first_seed"] + index for index in range(declared["seeds"])]
+    if args.report_only:
+        missing = [cell_path(args.out, variant, seed) for seed in seeds for variant in declared["variants"]
+                   if not os.path.isfile(cell_path(args.out, variant, seed))]
+        if missing:
+            parser.error(f"--report_only: the folder lacks the cells {missing}")
+    else:
+        for folder in ("cells", "logs", "cloud", "saved"):
+            os.makedirs(os.path.join(args.out, folder), exist_ok=True)
+        write_declaration(args.out, declared)
+        # The first cell of each seed trains the seed's shared cloud model; the others load it.
+        for seed in seeds:
+            for variant in declared["variants"]:
+                run_cell(args.out, declared, variant, defined[variant], seed)
+    print(write_report(args.out, declared["variants"], seeds, declared["versus"]))
 
 
 if __name__ == "__main__":

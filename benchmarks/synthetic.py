@@ -5,8 +5,8 @@ MovieLens), shifted so that every user has at least ``min_per_user``; item popul
 drifts through the catalogue from a taste of their own, so sequences have structure a sequential model can learn.
 Timestamps increase within each user.
 
-    python benchmarks/synthetic.py --out=data --name=synthetic-ml-1m --users=6040 --interactions=1000000 --items=3706
-    python benchmarks/synthetic.py --out=data --name=synthetic-1m-users --users=1000000 --interactions=20000000
+    python -m benchmarks.synthetic --out=data --name=synthetic-ml-1m --users=6040 --interactions=1000000 --items=3706
+    python -m benchmarks.synthetic --out=data --name=synthetic-1m-users --users=1000000 --interactions=20000000
 
 writes ``data/<name>/<name>.inter`` (``user_id``, ``item_id``, ``timestamp``); run DCCL on it with
 ``--dataset=<name> --data_path=data``.

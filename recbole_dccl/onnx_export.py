@@ -34,8 +34,7 @@ from onnxruntime.training import artifacts, onnxblock
 from recbole.data.interaction import Interaction
 from torch import nn
 
-from recbole_dccl.quick_start import write_result_file
-from recbole_dccl.trainer.checkpoint import write_atomic
+from recbole_dccl.files import write_atomic, write_result_file
 
 OPSET = 18  # ONNX Runtime reads it since 1.14 (torch's exporter defaults to 20); all the device models need
 IR_VERSION = 10  # the newest onnxruntime-training 1.19 reads

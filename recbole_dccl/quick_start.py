@@ -5,7 +5,6 @@ It never imports ``recbole.quick_start`` (which pulls in ray, broken on current 
 """
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -21,7 +20,8 @@ from recbole_dccl.config import DCCLConfig
 from recbole_dccl.distributed import is_main_process, launch
 from recbole_dccl.errors import InputError, NonFiniteLoss
 from recbole_dccl.evaluation import group_table
-from recbole_dccl.trainer.checkpoint import READINGS, load_safe, write_atomic
+from recbole_dccl.files import load_safe, write_result_file
+from recbole_dccl.trainer.checkpoint import READINGS
 from recbole_dccl.utils import get_model, get_trainer
 
 
@@ -132,6 +132,17 @@ def prepare(config, verbose=True):
     return dataset, loaders, model
 
 
+def build(config_dict=None, model="DCCL", dataset="ml-100k", config_file_list=None, verbose=False):
+    """``(config, (train, valid, test), model, trainer)`` as a run has them before training starts (a DCCL model
+    holding its users' histories): for scripts that drive one phase of the trainer, e.g. the benchmarks."""
+    config = DCCLConfig(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    _, loaders, net = prepare(config, verbose)
+    if getattr(net, "is_dccl", False):
+        net.hold_histories([loader.dataset for loader in loaders])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
+    return config, loaders, net, trainer
+
+
 def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, nproc=1, world_size=-1,
         ip="localhost", port="5678", group_offset=0):
     """RecBole's ``run``: :func:`run_recbole_dccl` in this process, under torchrun, or in ``nproc`` processes on
@@ -226,14 +237,6 @@ def run_platform(config):
     round 0 trained on another thread count may sum in another order and end as another model)."""
     return {"python": platform.python_version(), "torch": torch.__version__, "recbole": recbole.__version__,
             "threads": torch.get_num_threads(), "device": str(config["device"])}
-
-
-def write_result_file(path, result):
-    def write(temporary):
-        with open(temporary, "w") as file:
-            json.dump(result, file, indent=2)
-
-    write_atomic(path, write)
 
 
 def parse_args(argv=None):

@@ -60,7 +60,7 @@ def test_one_round_over_every_backbone(tiny_config, backbone):
 
     schedule = RoundSchedule(config, train_data)
     device_rows = schedule.device_rows(1)
-    trainer._device_phase(1, schedule.training_rows(device_rows, 1))
+    trainer.device_phase(1, schedule.training_rows(device_rows, 1))
     after = view_logits(model, batch)
     users = batch[config["USER_ID_FIELD"]]
     users_with_data = torch.unique(train_data.dataset.inter_feat[config["USER_ID_FIELD"]][device_rows])

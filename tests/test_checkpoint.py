@@ -9,7 +9,8 @@ import torch
 
 from recbole_dccl.errors import InputError
 from recbole_dccl.trainer import checkpoint
-from recbole_dccl.trainer.checkpoint import load_safe, reading_files
+from recbole_dccl.files import load_safe
+from recbole_dccl.trainer.checkpoint import reading_files
 from recbole_dccl.trainer.resume import ResumedRun
 from tests.helpers import build
 
@@ -40,7 +41,7 @@ def test_tampered_cloud_checkpoint_is_refused_and_nothing_runs(tiny_config, tmp_
     path, marker = tampered_checkpoint(tmp_path, "cloud")
     _, _, _, trainer = build(tiny_config)
     with pytest.raises(InputError, match=rf"cloud_checkpoint: \[{re.escape(path)}\] is refused: .*Unsupported global: GLOBAL io.open.* Nothing in it was run"):
-        trainer._load_cloud(path)
+        trainer.load_cloud(path)
     assert not marker.exists()
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/personal_headroom.py's repeat probe: its few-numbers-per-row loss and ranking equal the dense ones."""
+"""experiments/personal_headroom.py's repeat probe: its few-numbers-per-row loss and ranking equal the dense ones."""
 
 import math
 
@@ -7,9 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tests.helpers import benchmark_module
-
-headroom = benchmark_module("personal_headroom")
+from experiments import personal_headroom as headroom
 
 N_ITEMS, LENGTH, ROWS, USERS = 30, 6, 40, 5
 

@@ -10,7 +10,8 @@ import torch
 from recbole_dccl.data import ROW_FIELD, RoundSchedule
 from recbole_dccl.errors import InputError
 from recbole_dccl.quick_start import run_recbole_dccl
-from recbole_dccl.trainer.checkpoint import plain, save_atomic
+from recbole_dccl.files import save_atomic
+from recbole_dccl.trainer.checkpoint import plain
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise, personalise_one_by_one
 from recbole_dccl.trainer.momodistill import DeviceTeachers
 from recbole_dccl.trainer.resume import ResumedRun, run_state_file, save_run_state
@@ -91,7 +92,7 @@ def test_negatives_are_drawn_per_device_and_round_whatever_rows_are_asked_for(im
 def test_the_round_loader_samples_nothing_more_and_numbers_the_materialised_rows(implicit_config):
     config, _, schedule, _, trainer = schedule_of(implicit_config)
     trainer.verbose = False
-    rows = trainer._start_round(schedule, 1)
+    rows = trainer.start_round(schedule, 1)
     iid = config["ITEM_ID_FIELD"]
     for _ in range(2):
         batches = list(trainer.round_loader)
@@ -104,8 +105,8 @@ def test_the_round_loader_samples_nothing_more_and_numbers_the_materialised_rows
 def test_a_negative_never_gets_its_positives_cached_site_output(implicit_config):
     config, _, schedule, model, trainer = schedule_of(implicit_config)
     trainer.verbose = False
-    rows = trainer._start_round(schedule, 1)
-    trainer._device_phase(1, rows)
+    rows = trainer.start_round(schedule, 1)
+    trainer.device_phase(1, rows)
     cache = trainer.round_cache
     assert cache.outputs is not None and len(cache.outputs) == len(rows)
     outputs = cache.outputs
@@ -164,11 +165,11 @@ def test_files_written_before_sampled_negatives_still_load(ctr_config, implicit_
     state = {name: value for name, value in model.state_dict().items() if name.startswith("backbone.")}
     cloud = str(tmp_path / "old-cloud.pth")
     save_atomic({"identity": identity, "state_dict": state}, cloud)
-    trainer._load_cloud(cloud)
+    trainer.load_cloud(cloud)
     # ... a run with sampled negatives does not
     _, _, _, _, implicit = schedule_of(implicit_config)
     with pytest.raises(InputError, match=r"cloud_checkpoint: .* other settings .*'train_neg_sample_args': \(\{'distribution': 'none'"):
-        implicit._load_cloud(cloud)
+        implicit.load_cloud(cloud)
     # a run state from before: resumed by the same settings
     run_state = run_state_file(trainer.saved_model_file)
     save_run_state(run_state, trainer, 0, "cloud", trainer._settings())

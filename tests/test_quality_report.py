@@ -8,10 +8,9 @@ import os
 import numpy as np
 import pytest
 
+from benchmarks import matrix, quality
 from recbole_dccl.defaults import dccl_defaults
-from tests.helpers import benchmark_module
-
-quality = benchmark_module("quality")
+from recbole_dccl.files import read_result_file, write_result_file
 
 USERS = list(range(1, 41))
 GROUPS = {"G1 [1, 5]": USERS[:20], "G2 [6, 9]": USERS[20:]}
@@ -57,8 +56,7 @@ def cells(tmp_path):
             "frequency": plain_cell(base * 2),
         }
         for name, content in cells.items():
-            with open(tmp_path / "cells" / f"{name}-seed{seed}.json", "w") as file:
-                json.dump(content, file)
+            write_result_file(quality.cell_path(str(tmp_path), name, seed), content)
     return str(tmp_path)
 
 
@@ -105,7 +103,6 @@ def test_results_matrix_reads_the_summaries(cells):
     quality.write_report(cells, ["dccl", "data", "frequency"], [2020, 2021])
     with open(os.path.join(cells, "summary.json")) as file:
         summary = json.load(file)
-    matrix = benchmark_module("matrix")
     tables = matrix.matrix({"toy": summary}, metric="hit@10")
     assert "**Test hit@10, mean over seeds" in tables
     assert "| Frequency (user's own items) | " in tables and "(+100.0% [+100.0, +100.0])" in tables
@@ -117,14 +114,12 @@ def test_results_matrix_reads_the_summaries(cells):
 
 def name_types(cells, type_of):
     """Give every reading of every cell each user's target type ``type_of(user)``."""
-    for path in sorted(glob.glob(os.path.join(cells, "cells", "*.json"))):
-        with open(path) as file:
-            cell = json.load(file)
+    for path in sorted(glob.glob(os.path.join(cells, "cells", "*" + quality.CELL_SUFFIX))):
+        cell = read_result_file(path)
         for reading in [cell, *(value for value in cell.values() if isinstance(value, dict) and "test_users" in value)]:
             if "test_users" in reading:
                 reading["test_users"]["type"] = [type_of(user) for user in USERS]
-        with open(path, "w") as file:
-            json.dump(cell, file)
+        write_result_file(path, cell)
 
 
 def test_rows_by_target_type_where_the_cells_name_each_users_type(cells):
@@ -144,7 +139,7 @@ def test_rows_by_target_type_where_the_cells_name_each_users_type(cells):
     assert cloud_only["types"]["repeat"]["test"]["ndcg@10"]["mean"] == pytest.approx(
         np.mean([by_hand, np.mean([cells_values(cells, "dccl", 2021)[user - 1] for user in USERS[:20]])]))
     assert "by target type" in table and os.path.getsize(os.path.join(cells, "types.png")) > 0
-    tables = benchmark_module("matrix").matrix({"toy": summary}, metric="ndcg@10")
+    tables = matrix.matrix({"toy": summary}, metric="ndcg@10")
     assert "**Repeat targets: test ndcg@10" in tables and "**Explore targets: test ndcg@10" in tables
 
 
@@ -176,8 +171,7 @@ def test_a_type_without_targets_has_no_rows(cells):
 
 def cells_values(cells, variant, seed):
     """The per-user test NDCG@10 of ``variant``'s cloud-only model in seed ``seed``."""
-    with open(os.path.join(cells, "cells", f"{variant}-seed{seed}.json")) as file:
-        return json.load(file)["cloud_only"]["test_users"]["ndcg@10"]
+    return read_result_file(quality.cell_path(cells, variant, seed))["cloud_only"]["test_users"]["ndcg@10"]
 
 
 def test_the_dccl_variant_is_the_shipped_defaults_in_every_committed_folder():
@@ -212,14 +206,12 @@ def test_reported_metrics_by_kind_of_evaluation():
 def test_a_baseline_counting_rows_differently_is_matched_by_its_groups_users(cells):
     """A sequential baseline beside a CTR backbone names the same users' groups by other row counts."""
     for seed in (2020, 2021):
-        path = os.path.join(cells, "cells", f"frequency-seed{seed}.json")
-        with open(path) as file:
-            plain = json.load(file)
+        path = quality.cell_path(cells, "frequency", seed)
+        plain = read_result_file(path)
         renamed = {"G1 [1, 5]": "G1 [0, 4]", "G2 [6, 9]": "G2 [5, 8]"}
         plain["user_groups"] = {renamed[name]: users for name, users in plain["user_groups"].items()}
         plain["test_groups"] = {renamed[name]: values for name, values in plain["test_groups"].items()}
-        with open(path, "w") as file:
-            json.dump(plain, file)
+        write_result_file(path, plain)
     variants = ["dccl", "data", "frequency"]
     summary = quality.summarise(quality.load_cells(cells, variants, [2020, 2021]), variants, [2020, 2021])
     assert summary["rows"]["frequency"]["groups"]["G1 [1, 5]"]["paired_gain"]["ndcg@10"]["gain"] == pytest.approx(1.0)
@@ -228,15 +220,14 @@ def test_a_baseline_counting_rows_differently_is_matched_by_its_groups_users(cel
 def test_a_cell_cut_mid_run_is_resumed_from_its_run_state(tmp_path, monkeypatch):
     commands = []
     monkeypatch.setattr(quality.subprocess, "call", lambda command, **kwargs: commands.append(command) or 0)
-    args = quality.argparse.Namespace(out=str(tmp_path), dataset="tiny", backbone="GRU4Rec", protocol="incremental",
-                                      config_files=None)
+    declared = {**quality.DECLARED, "dataset": "tiny"}
     for folder in ("cells", "logs"):
         (tmp_path / folder).mkdir()
-    quality.run_cell(args, [], "dccl", {}, 2020)
+    quality.run_cell(str(tmp_path), declared, "dccl", {}, 2020)
     cut = tmp_path / "saved" / "dccl-seed2021"
     cut.mkdir(parents=True)
     (cut / "DCCL-Nov-29-2026_10-00-00-run.pth").write_bytes(b"")
-    quality.run_cell(args, [], "dccl", {}, 2021)
+    quality.run_cell(str(tmp_path), declared, "dccl", {}, 2021)
     fresh, resumed = commands
     assert not [arg for arg in fresh if arg.startswith("--resume=")]
     assert f"--resume={cut}" in resumed
@@ -245,21 +236,51 @@ def test_a_cell_cut_mid_run_is_resumed_from_its_run_state(tmp_path, monkeypatch)
 def test_a_cell_from_another_round_0_model_is_refused(cells, monkeypatch):
     """A seed's cells pair their gains with one round-0 model; a cell whose round 0 was trained again differently
     (its checkpoint lost, another thread count) is refused when it is written and when a summary reads it."""
-    with open(os.path.join(cells, "cells", "dccl-seed2020.json")) as file:
-        other_round0 = json.load(file)
+    other_round0 = read_result_file(quality.cell_path(cells, "dccl", 2020))
     other_round0["cloud_only"] = view(np.full(len(USERS), 0.3))
 
     def run(command, **kwargs):
         result = next(arg.split("=", 1)[1] for arg in command if arg.startswith("--result_file="))
-        with open(result, "w") as file:
-            json.dump(other_round0, file)
+        write_result_file(result, other_round0)
         return 0
 
     monkeypatch.setattr(quality.subprocess, "call", run)
-    args = quality.argparse.Namespace(out=cells, dataset="tiny", backbone="GRU4Rec", protocol="incremental",
-                                      config_files=None)
+    declared = {**quality.DECLARED, "dataset": "tiny"}
     os.makedirs(os.path.join(cells, "logs"))
     with pytest.raises(ValueError, match="seed 2020: the cells data and late started from different round-0 models"):
-        quality.run_cell(args, [], "late", {}, 2020)
+        quality.run_cell(cells, declared, "late", {}, 2020)
     with pytest.raises(ValueError, match="different round-0 models"):
         quality.write_report(cells, ["dccl", "data", "late"], [2020])
+
+
+def test_a_folder_declares_what_it_measures_and_its_summary_regenerates_exactly(cells, monkeypatch):
+    """The first run writes the folder's declaration; ``--out=<folder> --report_only`` then rewrites the summary
+    from the stored cells alone, the same to the byte, and runs nothing."""
+    monkeypatch.setattr(quality.subprocess, "call", lambda *args, **kwargs: pytest.fail("a cell was run"))
+    first = ["quality.py", f"--out={cells}", "--dataset=tiny", "--seeds=2", "--variants=dccl,data,frequency",
+             "--versus=frequency", "--variant=fast:device_epochs=5", "--epochs=20", "--learning_rate=0.003"]
+    monkeypatch.setattr(quality.sys, "argv", first)
+    quality.main()
+    with open(os.path.join(cells, quality.DECLARATION)) as file:
+        declared = quality.yaml.safe_load(file)
+    assert declared["variants"] == ["dccl", "data", "frequency"] and declared["versus"] == ["frequency"]
+    assert declared["define"] == {"fast": {"device_epochs": "5"}}
+    assert declared["run"] == {"epochs": 20, "learning_rate": 0.003}
+    written = {name: open(os.path.join(cells, name)).read() for name in ("summary.json", "summary.md")}
+    for name in written:
+        os.remove(os.path.join(cells, name))
+    monkeypatch.setattr(quality.sys, "argv", ["quality.py", f"--out={cells}", "--report_only"])
+    quality.main()
+    assert {name: open(os.path.join(cells, name)).read() for name in written} == written
+
+
+def test_a_run_takes_the_declared_settings_and_a_variant_wins_over_them(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(quality.subprocess, "call", lambda command, **kwargs: commands.append(command) or 0)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "cells").mkdir()
+    declared = {**quality.DECLARED, "dataset": "tiny", "run": {"epochs": 20, "device_epochs": 3}}
+    quality.run_cell(str(tmp_path), declared, "fast", {"device_epochs": "5"}, 2020)
+    (command,) = commands
+    assert "--epochs=20" in command and "--device_epochs=5" in command
+    assert not [arg for arg in command if arg == "--device_epochs=3"]

@@ -18,7 +18,8 @@ from recbole_dccl.errors import InputError, NonFiniteLoss
 from recbole_dccl.model.dccl import DCCL
 from recbole_dccl.model.objectives import NextItemObjective
 from recbole_dccl.trainer import device_phase
-from recbole_dccl.trainer.checkpoint import READINGS, load_safe, reading_files
+from recbole_dccl.files import load_safe
+from recbole_dccl.trainer.checkpoint import READINGS, reading_files
 from recbole_dccl.trainer.resume import ResumedRun, run_state_file, run_state_files, save_run_state
 from tests.helpers import build
 
@@ -85,7 +86,7 @@ class Crash(Exception):
 
 @pytest.mark.parametrize(
     "device_method,crashing_phase",
-    [("metapatch", "_learn_shared_parameters"), ("metapatch", "_momodistill"), ("none", "_momodistill")],
+    [("metapatch", "learn_shared_parameters"), ("metapatch", "momodistill"), ("none", "momodistill")],
 )
 def test_run_resumed_after_a_crash_equals_the_uninterrupted_run(tiny_config, device_method, crashing_phase):
     """In one process, quicker than the kill test: a crash in round 2 resumes from the phase before it, in the same

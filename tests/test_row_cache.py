@@ -20,7 +20,7 @@ def counting_calls(module):
 def round_one(tiny_config, settings=None):
     config, (train_data, _, _), model, trainer = build({**tiny_config, **(settings or {})})
     trainer.verbose = False
-    rows = trainer._start_round(RoundSchedule(config, train_data), 1)
+    rows = trainer.start_round(RoundSchedule(config, train_data), 1)
     return config, train_data, model, trainer, rows
 
 
@@ -32,7 +32,7 @@ def test_round_loader_numbers_its_rows(tiny_config):
 
 def test_teachers_run_from_the_device_phase_outputs(tiny_config):
     config, train_data, model, trainer, rows = round_one(tiny_config)
-    trainer._device_phase(1, rows)
+    trainer.device_phase(1, rows)
     assert len(trainer.round_cache.outputs) == len(rows)  # the device phase kept the outputs of every round row
     cached, plain = DeviceTeachers(model, cache=trainer.round_cache), DeviceTeachers(model)
     gru_calls = counting_calls(model.backbone.gru_layers)
@@ -67,7 +67,7 @@ def test_step_2_from_its_cached_outputs_equals_running_the_backbone(tiny_config)
         teachers = DeviceTeachers(model)
         shared = list(model.patches.parameters()) + list(model.encoder.parameters())
         optimizer = trainer._build_optimizer(params=shared, learning_rate=config["shared_learning_rate"])
-        cache = trainer._row_cache() if cache else None
+        cache = trainer.row_cache() if cache else None
         torch.manual_seed(5)
         for _ in range(2):
             shared_parameters_epoch(model, trainer.round_loader, optimizer, teachers, config, cache)

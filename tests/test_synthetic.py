@@ -2,9 +2,7 @@
 
 import numpy as np
 
-from tests.helpers import benchmark_module
-
-synthetic = benchmark_module("synthetic")
+from benchmarks import synthetic
 
 
 def test_every_user_gets_at_least_the_minimum_and_the_counts_add_up():

@@ -143,9 +143,9 @@ def test_cloud_method_data_is_model_over_data(tiny_config):
         config, (train_data, _, _), model, trainer = build({**tiny_config, **settings})
         with torch.no_grad():
             model.uploaded_metapatch.normal_(generator=torch.Generator().manual_seed(0))
-        trainer._start_round(RoundSchedule(config, train_data), 1)
+        trainer.start_round(RoundSchedule(config, train_data), 1)
         torch.manual_seed(5)
-        trainer._momodistill(1)  # its teachers: the model as it is now
+        trainer.momodistill(1)  # its teachers: the model as it is now
         return model.backbone.state_dict()
 
     data = cloud_after_step_1({"cloud_method": "data"})
@@ -168,13 +168,13 @@ def test_device_method_none_has_no_device_models(tiny_config):
 def test_device_view_without_patches_is_scored_as_the_cloud_view(request, fixture, overrides):
     config, (train_data, valid_data, test_data), model, trainer = build({**request.getfixturevalue(fixture), **overrides})
     evaluated = []  # (phase index, view, whether any device holds a patch or the memory has weights)
-    score_view = trainer._score_view
+    score_view = trainer.score_view
 
     def counted(view):
         evaluated.append((len(trainer.history), view, not trainer._device_view_is_cloud()))
         return score_view(view)
 
-    trainer._score_view = counted
+    trainer.score_view = counted
     trainer.fit(train_data, valid_data, saved=False, test_data=test_data)
     devices = [(index, has_patch) for index, view, has_patch in evaluated if view == "device"]
     assert devices and all(has_patch for _, has_patch in devices)
@@ -226,9 +226,9 @@ def test_cloud_checkpoint_depends_on_history_length_only_where_items_have_a_hist
     *_, longer = build({**ctr_config, "backbone": backbone, "MAX_ITEM_LIST_LENGTH": 12})
     if refused:
         with pytest.raises(InputError, match=r"cloud_checkpoint: .*'MAX_ITEM_LIST_LENGTH': \(8, 12\)"):
-            longer._load_cloud(cloud)
+            longer.load_cloud(cloud)
     else:
-        longer._load_cloud(cloud)
+        longer.load_cloud(cloud)
         saved = torch.load(cloud, weights_only=True)["state_dict"]
         assert all(torch.equal(longer.model.state_dict()[name], value) for name, value in saved.items())
 

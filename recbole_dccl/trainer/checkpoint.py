@@ -16,16 +16,14 @@ model after the last phase, what the cloud and every device run once the rounds 
 
 import enum
 import os
-import pickle
-import re
 import uuid
 
-import torch
 from recbole.utils import get_local_time, set_color
 
 from recbole_dccl.defaults import identity_defaults
 from recbole_dccl.distributed import is_main_process
 from recbole_dccl.errors import InputError
+from recbole_dccl.files import save_atomic
 
 
 def plain(value):
@@ -39,36 +37,6 @@ def plain(value):
     if isinstance(value, (list, tuple, set)):
         return [plain(item) for item in value]
     return str(value)
-
-
-def write_atomic(path, write):
-    """``write(temporary_path)``, then an atomic rename to ``path``: readers never see a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    write(temporary)
-    os.replace(temporary, path)
-
-
-def save_atomic(state, path):
-    """``torch.save`` ``state`` to ``path`` atomically."""
-    write_atomic(path, lambda temporary: torch.save(state, temporary))
-
-
-def load_safe(path, key):
-    """``torch.load(path, weights_only=True)`` onto the CPU; a file that is not one of our checkpoints is refused
-    with an :class:`InputError` naming config ``key`` and the file. Unpickling stops at the first object that is
-    not a tensor or a plain value, so nothing in a tampered or foreign file is executed."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = re.search(r"WeightsUnpickler error:\s*(.*?\.?)(?:\s\s|\. |\n|$)", str(error))
-        raise InputError(
-            f"{key}: [{path}] is refused: it is not a file of tensors and plain values only "
-            f"({reason.group(1) if reason else 'weights-only load failed'}), so it is no checkpoint of ours, or an "
-            "altered one. Nothing in it was run."
-        ) from None
-    except (RuntimeError, EOFError, KeyError, OSError) as error:
-        raise InputError(f"{key}: [{path}] cannot be read as a checkpoint: {type(error).__name__}: {error}") from None
 
 
 def check_identity(key, path, written, current):

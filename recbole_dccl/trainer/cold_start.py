@@ -47,7 +47,7 @@ def cold_start_report(trainer, schedule, seed):
             finetuned = personalise(model, local, starts[name], settings, seed)
             for variant, metapatch in ((name, starts[name]), (f"{name}_finetuned", finetuned.metapatch)):
                 model.metapatch[users] = metapatch
-                report[variant] = _cold_scores(trainer._score_view("device"))
+                report[variant] = _cold_scores(trainer.score_view("device"))
             report[f"{name}_finetuned"]["adopted"] = int(finetuned.adopted.sum())
     finally:
         model.metapatch[users] = kept

@@ -17,9 +17,8 @@ from recbole_dccl.distributed import (
 from recbole_dccl.evaluation import UserGroupEvaluationMixin
 from recbole_dccl.errors import NonFiniteLoss
 from recbole_dccl.model.memory import FEATURES
-from recbole_dccl.trainer.checkpoint import (
-    SafeCheckpointMixin, check_identity, load_safe, plain, reading_files, save_atomic,
-)
+from recbole_dccl.files import load_safe, save_atomic
+from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, check_identity, plain, reading_files
 from recbole_dccl.trainer.cold_start import COLD_GROUP, cold_start_report, cold_start_table
 from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
 from recbole_dccl.trainer.memory_fit import fit_memory
@@ -61,14 +60,14 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
 
         self._phase(0, "cloud", lambda: self._pretrain_cloud(schedule, train_data, verbose, show_progress, callback_fn))
         for round_idx in range(1, self.config["rounds"] + 1):
-            self._start_round(schedule, round_idx)
+            self.start_round(schedule, round_idx)
             if self.has_devices:
                 local_rows = schedule.local_rows(round_idx)
-                device_phase = lambda: self._device_phase(round_idx, schedule.training_rows(local_rows, round_idx))
-                self._phase(round_idx, "device", device_phase, changed=("device",))
-            self._phase(round_idx, "momodistill", lambda: self._momodistill(round_idx))
+                train_devices = lambda: self.device_phase(round_idx, schedule.training_rows(local_rows, round_idx))
+                self._phase(round_idx, "device", train_devices, changed=("device",))
+            self._phase(round_idx, "momodistill", lambda: self.momodistill(round_idx))
             if self.has_devices:
-                self._phase(round_idx, "shared", lambda: self._learn_shared_parameters(round_idx), changed=("device",))
+                self._phase(round_idx, "shared", lambda: self.learn_shared_parameters(round_idx), changed=("device",))
         if self.resumed is not None:  # the file's run had done every phase: it ended with the file's model
             self.model.load_state_dict(self.resumed.state["model"])
             self.resumed = None
@@ -106,7 +105,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             save_atomic(checkpoint, files[reading])
             self.saved_files[reading] = {"round": phase["round"], "phase": phase["phase"], "path": files[reading]}
 
-    def _start_round(self, schedule, round_idx):
+    def start_round(self, schedule, round_idx):
         """Set up round ``round_idx``: the random streams, the users' visible history for the encoder, and the loader
         and row cache of the rows the devices hold (which the cloud then takes in); returns those rows
         (:class:`TrainingRows`). The streams start from the seed and the round alone, so a run that loaded its
@@ -116,7 +115,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         rows = schedule.training_rows(schedule.device_rows(round_idx), round_idx)
         self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
         self.round_loader = rows.loader(self.config)
-        self.round_cache = self._row_cache()
+        self.round_cache = self.row_cache()
         return rows
 
     def _collect_user_groups(self, schedule, train_data):
@@ -181,7 +180,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         """Round 0, or its result loaded from ``cloud_checkpoint``."""
         path = self.config["cloud_checkpoint"]
         if path and os.path.isfile(path):
-            self._load_cloud(path)
+            self.load_cloud(path)
             return
         self._train_cloud(schedule, train_data, verbose, show_progress, callback_fn)
         if path and is_main_process(self.config):
@@ -190,7 +189,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             save_atomic({"identity": identity, "state_dict": state}, path)
             self._log(f"round 0 cloud model written to {path}")
 
-    def _load_cloud(self, path):
+    def load_cloud(self, path):
         checkpoint = load_safe(path, "cloud_checkpoint")
         identity = self.cloud_identity(self.config)
         check_identity("cloud_checkpoint", path, checkpoint["identity"], identity)
@@ -224,7 +223,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             self.model.load_state_dict(progress.best_weights)
         self.phase_seconds["round 0 cloud"] = time() - start
 
-    def _device_phase(self, round_idx, rows):
+    def device_phase(self, round_idx, rows):
         """Round ``round_idx``'s devices train on ``rows`` (:class:`TrainingRows`)."""
         start = time()
         memory_values = {}
@@ -256,7 +255,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             f"adopted their patch: {int(adopted)}]"
         )
 
-    def _momodistill(self, round_idx):
+    def momodistill(self, round_idx):
         start = time()
         self.teachers = DeviceTeachers(self.model, cache=self.round_cache)
         optimizer = self._build_optimizer(params=self.model.backbone.parameters())
@@ -267,11 +266,11 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             self.phase_values["loss/momodistill"] = loss / len(self.round_loader)
         self.phase_seconds[f"round {round_idx} momodistill"] = time() - start
 
-    def _learn_shared_parameters(self, round_idx):
+    def learn_shared_parameters(self, round_idx):
         start = time()
         params = list(self.model.patches.parameters()) + list(self.model.encoder.parameters())
         optimizer = self._build_optimizer(params=params, learning_rate=self.config["shared_learning_rate"])
-        cache = self._row_cache()  # of the new W_f, which step 2 keeps fixed
+        cache = self.row_cache()  # of the new W_f, which step 2 keeps fixed
         for epoch in range(self.config["shared_epochs"]):
             loss = shared_parameters_epoch(self.model, self.round_loader, optimizer, self.teachers, self.config, cache)
             self._log(f"round {round_idx} shared parameters epoch {epoch} [train loss: {loss:.4f}]")
@@ -281,7 +280,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             self.model.metapatch.copy_(self.model.encode_metapatch(users))
         self.phase_seconds[f"round {round_idx} shared"] = time() - start
 
-    def _row_cache(self):
+    def row_cache(self):
         """A :class:`RowCache` of the round's rows."""
         max_bytes = self.config["device_cache_mb"] * 2**20
         return RowCache(self.round_loader.dataset, self.device, max_bytes, self.config["device_chunk_size"])
@@ -295,7 +294,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         overall = {key: float(value) for key, value in result.items()}
         return overall, self.group_result, self.type_result, self.user_result
 
-    def _score_view(self, view):
+    def score_view(self, view):
         scores = {}
         scores["valid"], scores["valid_groups"], scores["valid_types"], _ = self._evaluate_view(self.valid_data, view)
         if self.test_data is not None:
@@ -331,7 +330,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             if view == "device" and self._device_view_is_cloud():
                 scores = self._cloud_scores(scored, best)
             else:
-                scores = self._score_view(view)
+                scores = self.score_view(view)
             scored[view] = scores
             entry[view] = {key: value for key, value in scores.items() if key != "test_users"}
             if self.verbose:

@@ -17,7 +17,6 @@ drawn for all of the round's rows, so every device trains exactly as it does in 
 """
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 from recbole.data.interaction import Interaction
 
 from recbole_dccl.errors import NonFiniteLoss
+from recbole_dccl.model.frozen import frozen
 from recbole_dccl.negatives import rows_per_positive
 from recbole_dccl.trainer.progress import progress
 from recbole_dccl.trainer.site_cache import SiteCache, replaying
@@ -104,22 +104,6 @@ class DeviceResult:
             for name in ("metapatch", "adopted", "valid_loss_cloud", "valid_loss_device", "train_loss"):
                 getattr(whole, name)[devices] = getattr(part, name)
         return whole
-
-
-@contextmanager
-def frozen(model):
-    """Eval mode and no parameter gradients inside; restored after."""
-    training = model.training
-    flags = [(param, param.requires_grad) for param in model.parameters()]
-    model.eval()
-    for param, _ in flags:
-        param.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        model.train(training)
 
 
 def row_losses(model, local, rows, metapatch):

@@ -19,7 +19,7 @@ from torch.func import functional_call
 
 from recbole_dccl.distributed import advance_epoch, data_parallel
 from recbole_dccl.errors import NonFiniteLoss
-from recbole_dccl.trainer.device_phase import frozen
+from recbole_dccl.model.frozen import frozen
 from recbole_dccl.trainer.progress import progress
 from recbole_dccl.trainer.site_cache import cached_forward
 

@@ -29,7 +29,8 @@ import torch
 
 from recbole_dccl.distributed import is_main_process
 from recbole_dccl.errors import InputError
-from recbole_dccl.trainer.checkpoint import check_identity, load_safe, save_atomic
+from recbole_dccl.files import load_safe, save_atomic
+from recbole_dccl.trainer.checkpoint import check_identity
 from recbole_dccl.trainer.momodistill import DeviceTeachers
 
 PHASES = ("cloud", "device", "momodistill", "shared")  # round 0 is "cloud"; every later round the other three

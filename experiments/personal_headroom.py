@@ -1,7 +1,7 @@
 """How much can any per-user change of the sequence representation gain on a dataset? A probe to run before asking
 DCCL's device phase to find it, on a round-0 cloud model (a ``cloud_checkpoint`` written by ``benchmarks/quality.py``):
 
-    python benchmarks/personal_headroom.py --backbone=GRU4Rec --protocol=static --seed=2020 \\
+    python -m experiments.personal_headroom --backbone=GRU4Rec --protocol=static --seed=2020 \\
       --cloud_checkpoint=results/q/cloud/GRU4Rec-static-seed2020.pth --MAX_ITEM_LIST_LENGTH=20 ... --json=out.json
 
 Every user gets a free vector as wide as the sequence representation, added to it before the item scores (a
@@ -33,9 +33,9 @@ from torch.nn import functional as F
 
 from recbole.data.interaction import cat_interactions
 
-import round0
+from experiments import round0
 from recbole_dccl.data import RoundSchedule
-from recbole_dccl.quick_start import write_result_file
+from recbole_dccl.files import write_result_file
 
 TOP = 10
 CHUNK = 4096

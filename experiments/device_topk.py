@@ -1,7 +1,7 @@
 """What round 1's device phase does to the device view's top 10, on a round-0 cloud model (a ``cloud_checkpoint``
 written by ``benchmarks/quality.py``):
 
-    python benchmarks/device_topk.py --backbone=GRU4Rec --protocol=incremental --seed=2020 \\
+    python -m experiments.device_topk --backbone=GRU4Rec --protocol=incremental --seed=2020 \\
       --cloud_checkpoint=results/q/cloud/GRU4Rec-incremental-seed2020.pth --MAX_ITEM_LIST_LENGTH=20 ... --json=out.json
 
 Runs the device phase with the run's settings, then scores both views on valid and reports, overall and for the
@@ -17,9 +17,9 @@ import math
 import numpy as np
 import torch
 
-import round0
+from experiments import round0
 from recbole_dccl.data import RoundSchedule
-from recbole_dccl.quick_start import write_result_file
+from recbole_dccl.files import write_result_file
 
 TOP = 10
 
@@ -63,7 +63,7 @@ def main():
     args, config, (train_data, valid_data, _), model, trainer = round0.load(round0.parser_for(__doc__, "incremental"))
 
     schedule = RoundSchedule(config, train_data)
-    trainer._device_phase(1, trainer._start_round(schedule, 1))
+    trainer.device_phase(1, trainer.start_round(schedule, 1))
     rows = schedule.device_rows(1)
     model.eval()
     consumed = items_by_user(train_data.dataset, np.arange(len(train_data.dataset)))

@@ -1,10 +1,10 @@
 """Device-phase benchmark: the batched device phase against the per-user reference loop, on the same model and data.
 
-    python benchmarks/device_phase.py --dataset=ml-100k --json=out.json
-    python benchmarks/device_phase.py --dataset=foursquare_nyc --data_path=../shared/data \
+    python -m benchmarks.device_phase_cost --dataset=ml-100k --json=out.json
+    python -m benchmarks.device_phase_cost --dataset=foursquare_nyc --data_path=../shared/data \
         --config_files=../shared/data/foursquare_nyc/foursquare_nyc.yaml --protocols=incremental --json=fsq.json
-    python benchmarks/device_phase.py --dataset=synthetic-ml-1m --json=ml1m.json       # generated on first use
-    python benchmarks/device_phase.py --scale=10000,100000,1000000 --json=scale.json   # device phase only
+    python -m benchmarks.device_phase_cost --dataset=synthetic-ml-1m --json=ml1m.json       # generated on first use
+    python -m benchmarks.device_phase_cost --scale=10000,100000,1000000 --json=scale.json   # device phase only
 
 For each case: the batched device phase (``personalise``) of round 1 on every device, on the rows DCCL's settings
 give it (``device_data`` and ``device_epochs`` as shipped unless ``--device_data``/``--device_epochs`` say), the
@@ -30,7 +30,6 @@ for millions of users is not what is measured here, and the cost of the device p
 import argparse
 import os
 import resource
-import sys
 import tempfile
 from time import perf_counter
 
@@ -39,21 +38,13 @@ import torch
 from recbole.data.interaction import Interaction
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import synthetic  # noqa: E402
-from recbole_dccl.data import RoundSchedule, positions_from_newest  # noqa: E402
-from recbole_dccl.quick_start import write_result_file  # noqa: E402
-from recbole_dccl.trainer.device_phase import (  # noqa: E402
-    DeviceSettings,
-    LocalData,
-    frozen,
-    personalise,
-    personalise_one_by_one,
-)
-from recbole_dccl.trainer.site_cache import SiteCache  # noqa: E402
-from tests.helpers import build  # noqa: E402
+from benchmarks import synthetic
+from recbole_dccl.data import RoundSchedule, positions_from_newest
+from recbole_dccl.files import write_result_file
+from recbole_dccl.model.frozen import frozen
+from recbole_dccl.quick_start import build
+from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise, personalise_one_by_one
+from recbole_dccl.trainer.site_cache import SiteCache
 
 SYNTHETIC = {"synthetic-ml-1m": dict(users=6040, total=1_000_000, items=3706, min_per_user=20)}
 
@@ -161,7 +152,7 @@ def measure(name, model, local, settings, loop_users, repeats=1, seed=2020):
 def plain_epoch(model, trainer, train_data, max_batches):
     """Seconds of one plain backbone training epoch over ``train_data``, from its first ``max_batches`` batches
     (0: all), and whether they were extrapolated. Run after the device phase: it trains the backbone."""
-    optimizer = trainer._build_optimizer(params=model.backbone.parameters())
+    optimizer = torch.optim.Adam(model.backbone.parameters(), lr=trainer.config["learning_rate"])
     batches = len(train_data) if max_batches <= 0 else min(max_batches, len(train_data))
     model.train()
     began = perf_counter()

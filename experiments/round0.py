@@ -1,12 +1,11 @@
 """A round-0 cloud model written by ``benchmarks/quality.py`` (its ``cloud_checkpoint``), loaded for a diagnosis
-script with the same data and settings: the scripts' shared command line and loading."""
+script with the same data and settings: the probes' shared command line and loading."""
 
 import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests.helpers import build  # noqa: E402
+from recbole_dccl.quick_start import build
 
 
 def parser_for(description, protocol):
@@ -34,5 +33,5 @@ def load(parser):
     config_files = args.config_files.split() if args.config_files else None
     config, data, model, trainer = build(settings, dataset=args.dataset, config_file_list=config_files)
     trainer.verbose = False
-    trainer._load_cloud(args.cloud_checkpoint)
+    trainer.load_cloud(args.cloud_checkpoint)
     return args, config, data, model, trainer

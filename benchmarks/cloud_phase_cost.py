@@ -1,7 +1,7 @@
 """Cloud-phase cost: one MoMoDistill (step 1) epoch against one plain backbone epoch on the same data, in one run,
 and the cost of one step-2 epoch.
 
-    python benchmarks/cloud_phase.py --dataset=ml-100k --json=cloud.json
+    python -m benchmarks.cloud_phase_cost --dataset=ml-100k --json=cloud.json
 
 The data is what the cloud learns from in round 1 (``--protocol``: the devices' rows), after round 1's device
 phase has run on it. The plain epoch is the backbone's own ``calculate_loss`` with the same optimizer, as RecBole
@@ -15,22 +15,14 @@ others replay them (``shared_epoch_s``). Each epoch is timed ``--repeats`` times
 import argparse
 import json
 import os
-import sys
 from time import perf_counter
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from recbole_dccl.data import RoundSchedule  # noqa: E402
-from recbole_dccl.quick_start import write_result_file  # noqa: E402
-from recbole_dccl.trainer.momodistill import (  # noqa: E402
-    DeviceTeachers,
-    _run_epoch,
-    distill_cloud_epoch,
-    shared_parameters_epoch,
-)
-from tests.helpers import build  # noqa: E402
+from recbole_dccl.data import RoundSchedule
+from recbole_dccl.files import write_result_file
+from recbole_dccl.quick_start import build
+from recbole_dccl.trainer.momodistill import DeviceTeachers, _run_epoch, distill_cloud_epoch, shared_parameters_epoch
 
 
 def timed(run):
@@ -44,16 +36,16 @@ def measure(args, backbone):
                    "show_progress": False}
     config, (train_data, _, _), model, trainer = build(config_dict, dataset=args.dataset)
     trainer.verbose = False
-    rows = trainer._start_round(RoundSchedule(config, train_data), 1)
+    rows = trainer.start_round(RoundSchedule(config, train_data), 1)
     loader = trainer.round_loader
-    trainer._device_phase(1, rows)  # fills the round's cache for the teachers
+    trainer.device_phase(1, rows)  # fills the round's cache for the teachers
     with torch.no_grad():  # devices as if they had all adopted a patch: every teacher row patched
         model.uploaded_metapatch.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
     teachers = DeviceTeachers(model, cache=trainer.round_cache)
     uncached_teachers = DeviceTeachers(model)
-    cloud_optimizer = trainer._build_optimizer(params=model.backbone.parameters())
+    cloud_optimizer = torch.optim.Adam(model.backbone.parameters(), lr=config["learning_rate"])
     shared = list(model.patches.parameters()) + list(model.encoder.parameters())
-    shared_optimizer = trainer._build_optimizer(params=shared, learning_rate=config["shared_learning_rate"])
+    shared_optimizer = torch.optim.Adam(shared, lr=config["shared_learning_rate"])
     weight = config["distill_weight"]
 
     def plain_epoch():
@@ -65,7 +57,7 @@ def measure(args, backbone):
     def shared_epoch(first):
         nonlocal shared_cache
         if first:  # a new W_f: step 2 starts with nothing cached
-            shared_cache = trainer._row_cache()
+            shared_cache = trainer.row_cache()
         shared_parameters_epoch(model, loader, shared_optimizer, teachers, config, shared_cache)
 
     epochs = {
