@@ -43,7 +43,7 @@ from recbole_dccl.data import RoundSchedule, positions_from_newest
 from recbole_dccl.files import write_result_file
 from recbole_dccl.model.frozen import frozen
 from recbole_dccl.quick_start import build
-from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise, personalise_one_by_one
+from recbole_dccl.trainer.device_phase import LocalData, device_settings, personalise, personalise_one_by_one
 from recbole_dccl.trainer.site_cache import SiteCache
 
 SYNTHETIC = {"synthetic-ml-1m": dict(users=6040, total=1_000_000, items=3706, min_per_user=20)}
@@ -197,7 +197,7 @@ def recbole_case(args, backbone, protocol):
     config_files = args.config_files.split() if args.config_files else None
     config, (train_data, _, _), model, trainer = build(config_dict, dataset=args.dataset, config_file_list=config_files)
     schedule = RoundSchedule(config, train_data)
-    settings = DeviceSettings(config)
+    settings = device_settings(config)
     local = LocalData.from_rows(schedule.training_rows(schedule.local_rows(1), 1), settings.valid_size, config["device"])
     return model, local, settings, trainer, train_data
 
@@ -226,7 +226,7 @@ def scale_case(args, users, config, token2id):
         "item_id": torch.from_numpy(token2id[item[keep]]),
     })
     owners, owner = torch.unique(interaction["user_id"], return_inverse=True)
-    settings = DeviceSettings(config)
+    settings = device_settings(config)
     from_newest = torch.from_numpy(positions_from_newest(user[keep]))
     rows = len(owner)
     return LocalData(interaction, owners, owner, from_newest < settings.valid_size, torch.arange(rows), rows), settings

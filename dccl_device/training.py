@@ -26,6 +26,8 @@ import numpy as np
 from onnxruntime.capi import _pybind_state as native
 from onnxruntime.capi.onnxruntime_inference_collection import OrtValue
 
+from dccl_device.settings import DeviceSettings
+
 
 @dataclass
 class TrainedMetapatch:
@@ -36,14 +38,16 @@ class TrainedMetapatch:
 
 
 def read_settings(folder):
+    """``settings.json`` of the artifacts in ``folder``: the training graph's ``inputs`` and ``target``, the
+    optimizer, and the device phase's settings (``device``: :meth:`DeviceSettings.read`)."""
     with open(os.path.join(folder, "settings.json")) as file:
         return json.load(file)
 
 
-def data_fields(settings):
-    """The training graph's inputs that come from the user's data: the device model's fields and the target (the
-    last two, ``metapatch_start`` and ``l2``, are the device's own)."""
-    return settings["inputs"][:-2]
+def data_fields(graph):
+    """The training graph's inputs that come from the user's data (``graph``: :func:`read_settings`): the device
+    model's fields and the target (the last two, ``metapatch_start`` and ``l2``, are the device's own)."""
+    return graph["inputs"][:-2]
 
 
 class OnDeviceTraining:
@@ -87,17 +91,17 @@ def train_metapatch(folder, start, data, shuffle_keys=None, seed=0):
     """One user's device phase from metapatch ``start`` (``[k]``) on ``data`` (field -> array, the user's rows in
     time order) with the artifacts in ``folder``. ``shuffle_keys``: ``[epochs, rows]``, the random key of each row
     in each epoch (an epoch visits the rows in the order of their keys); drawn from ``seed`` when not given."""
-    settings = read_settings(folder)
+    graph, settings = read_settings(folder), DeviceSettings.read(folder)
     training = OnDeviceTraining(folder)
     start = np.asarray(start, dtype=np.float32).reshape(1, -1)
-    rows = len(data[settings["target"]])
-    held_out = min(settings["valid_size"] * settings.get("rows_per_interaction", 1), rows)
+    rows = len(data[graph["target"]])
+    held_out = min(settings.valid_size * settings.rows_per_interaction, rows)
     train_rows, valid_rows = np.arange(rows - held_out), np.arange(rows - held_out, rows)
     if shuffle_keys is None:
-        shuffle_keys = np.random.default_rng(seed).random((settings["epochs"], rows), dtype=np.float32)
+        shuffle_keys = np.random.default_rng(seed).random((settings.epochs, rows), dtype=np.float32)
 
     def inputs(batch, l2):
-        named = {name: data[name][batch] for name in data_fields(settings)}
+        named = {name: data[name][batch] for name in data_fields(graph)}
         return {**named, "metapatch_start": start, "l2": np.array(l2, dtype=np.float32)}
 
     def valid_loss(metapatch):
@@ -107,8 +111,8 @@ def train_metapatch(folder, start, data, shuffle_keys=None, seed=0):
         training.metapatch = metapatch
         return training.loss(inputs(valid_rows, 0.0), train=False)
 
-    guarded = settings["valid_size"] > 0
-    every_epoch = guarded and settings["select"] == "best"
+    guarded = settings.valid_size > 0
+    every_epoch = guarded and settings.select == "best"
     zeros = np.zeros_like(start)
     kept, kept_loss = zeros, valid_loss(zeros) if guarded else float("nan")
     cloud_loss = kept_loss
@@ -125,10 +129,10 @@ def train_metapatch(folder, start, data, shuffle_keys=None, seed=0):
     for epoch, keys in enumerate(shuffle_keys):
         order = train_rows[np.argsort(keys[train_rows], kind="stable")]
         epoch_loss = 0.0
-        for first in range(0, len(order), settings["batch_size"]):
-            batch = order[first : first + settings["batch_size"]]
-            epoch_loss += training.loss(inputs(batch, settings["l2"]), train=True)
-            training.step(settings["learning_rate"])
+        for first in range(0, len(order), settings.batch_size):
+            batch = order[first : first + settings.batch_size]
+            epoch_loss += training.loss(inputs(batch, settings.l2), train=True)
+            training.step(settings.learning_rate)
         if not np.isfinite(epoch_loss):  # as the batched phase, one check per epoch
             raise FloatingPointError(f"the device's training loss is {epoch_loss} in local epoch {epoch}")
         if every_epoch:

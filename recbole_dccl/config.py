@@ -16,6 +16,8 @@ import yaml
 from recbole.config import Config
 from recbole.utils import ModelType
 
+from dccl_device.settings import DeviceSettings
+
 from recbole_dccl.data import PROTOCOLS
 from recbole_dccl.defaults import PROPERTIES_DIR, dccl_defaults
 from recbole_dccl.distributed import init_process_group
@@ -124,14 +126,7 @@ SETTING_RULES = {
         "None, a module name (or regex) or a list of them",
     ),
     "device_data": (lambda v: v in ("fresh", "all"), "'fresh' or 'all'"),
-    "device_epochs": _NON_NEGATIVE_INT,
-    "device_learning_rate": _POSITIVE,
-    "device_batch_size": _POSITIVE_INT,
-    "device_valid_size": _NON_NEGATIVE_INT,
-    "device_select": (lambda v: v in ("best", "last"), "'best' or 'last'"),
-    "device_l2": _NON_NEGATIVE,
-    "device_chunk_size": _POSITIVE_INT,
-    "device_cache_mb": _NON_NEGATIVE_INT,
+    # device_epochs, _learning_rate, _batch_size, _valid_size, _select, _l2, _chunk_size, _cache_mb: DeviceSettings
     "cloud_epochs": _NON_NEGATIVE_INT,
     "distill_weight": _NON_NEGATIVE,
     "distill_temperature": _POSITIVE,
@@ -149,6 +144,10 @@ def validate_dccl_settings(settings):
     for key, (is_valid, valid) in SETTING_RULES.items():
         if not is_valid(settings.get(key)):
             raise InputError(f"{key}: [{settings.get(key)!r}] is not valid; it must be {valid}.")
+    try:
+        DeviceSettings.from_config(settings)
+    except ValueError as error:
+        raise InputError(str(error)) from None
     if settings.get("result_file"):
         folder = os.path.dirname(os.path.abspath(settings["result_file"]))
         try:

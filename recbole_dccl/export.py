@@ -50,7 +50,7 @@ from recbole_dccl.errors import InputError
 from recbole_dccl.model.memory import ITEMS, VALUES
 from recbole_dccl.files import write_atomic, write_result_file
 from recbole_dccl.quick_start import load_from_checkpoint, read_checkpoint
-from recbole_dccl.trainer.device_phase import DeviceSettings
+from recbole_dccl.trainer.device_phase import device_settings
 
 FORMATS = {"torch": "device_model.pt2", "onnx": "device_model.onnx"}  # format -> the device model's file
 
@@ -187,7 +187,7 @@ def export(checkpoint_path, out, format="torch", device_data=False, reading=None
         example = placeholder_rows([batch[field] for field in fields])
         shapes = lambda batch_dim: feature_shapes(fields, batch_dim)
         onnx_export.export_training_artifacts(
-            device_model, model.objective, DeviceSettings(config), example, shapes, folder
+            device_model, model.objective, device_settings(config), example, shapes, folder
         )
         file_bytes["device_training_files"] = sum(
             os.path.getsize(os.path.join(folder, name)) for name in onnx_export.TRAINING_FILES

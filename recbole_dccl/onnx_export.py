@@ -143,12 +143,6 @@ def export_training_artifacts(device_model, objective, settings, example, exampl
         "inputs": input_names,
         "target": objective.target_field,
         "metapatch_dim": device_model.metapatch_dim,
-        "epochs": settings.epochs,
-        "learning_rate": settings.learning_rate,
-        "batch_size": settings.batch_size,
-        "valid_size": settings.valid_size,
-        "rows_per_interaction": settings.rows_per_interaction,
-        "select": settings.select,
-        "l2": settings.l2,
+        "device": settings.device_part(),
         "optimizer": {"name": "Adam", "betas": list(ADAM_BETAS), "eps": ADAM_EPS},
     })

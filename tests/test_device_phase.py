@@ -1,10 +1,12 @@
+import dataclasses
+
 import pytest
 import torch
 
 from recbole_dccl.data import RoundSchedule
 from recbole_dccl.model.metapatch import PatchContext, wrap_site
 from recbole_dccl.trainer.device_phase import (
-    DeviceSettings, LocalData, gather_rows, personalise, personalise_one_by_one,
+    LocalData, device_settings, gather_rows, personalise, personalise_one_by_one,
 )
 from recbole_dccl.trainer.site_cache import SiteCache
 from tests.helpers import build
@@ -14,7 +16,7 @@ def local_setup(config_dict, protocol="incremental"):
     config, (train_data, _, _), model, _ = build({**config_dict, "protocol": protocol})
     schedule = RoundSchedule(config, train_data)
     rows = schedule.training_rows(schedule.device_rows(1), 1)
-    settings = DeviceSettings(config)
+    settings = device_settings(config)
     local = LocalData.from_rows(rows, settings.valid_size, config["device"])
     return config, model, local, settings
 
@@ -73,7 +75,7 @@ def test_a_device_trained_alone_by_the_batched_code_equals_the_loop_bit_for_bit(
 )
 def test_site_cache_and_groups_never_change_results(tiny_config, patch_sites, cache_bytes):
     _, model, local, settings = local_setup({**tiny_config, "patch_sites": patch_sites, "device_chunk_size": 5})
-    settings.cache_bytes = cache_bytes  # 4-byte floats: a few rows of site output per group of devices
+    settings = dataclasses.replace(settings, cache_bytes=cache_bytes)  # 4-byte floats: a few rows per group
     start = random_start(model, local)
     batched = personalise(model, local, start, settings, seed=5)
     loop = personalise_one_by_one(model, local, start, settings, seed=5)
@@ -152,7 +154,7 @@ def test_a_share_of_the_users_trains_as_it_does_among_all(tiny_config):
     config, (train_data, _, _), model, _ = build(tiny_config)
     schedule = RoundSchedule(config, train_data)
     rows = schedule.training_rows(schedule.device_rows(1), 1)
-    settings = DeviceSettings(config)
+    settings = device_settings(config)
     everyone = LocalData.from_rows(rows, settings.valid_size, config["device"])
     start = torch.zeros(len(everyone.users), model.metapatch.shape[1])
     together = personalise(model, everyone, start, settings, seed=3)

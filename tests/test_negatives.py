@@ -12,7 +12,7 @@ from recbole_dccl.errors import InputError
 from recbole_dccl.quick_start import run_recbole_dccl
 from recbole_dccl.files import save_atomic
 from recbole_dccl.trainer.checkpoint import plain
-from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise, personalise_one_by_one
+from recbole_dccl.trainer.device_phase import LocalData, device_settings, personalise, personalise_one_by_one
 from recbole_dccl.trainer.momodistill import DeviceTeachers
 from recbole_dccl.trainer.resume import ResumedRun, run_state_file, save_run_state
 from tests.helpers import build
@@ -134,7 +134,7 @@ def test_a_device_holds_out_its_newest_positives_with_their_negatives(implicit_c
 def test_batched_device_phase_with_sampled_negatives_equals_per_user_loop(implicit_config, backbone, valid_size):
     settings_dict = {**implicit_config, "backbone": backbone, "device_valid_size": valid_size, "device_chunk_size": 7}
     config, _, schedule, model, _ = schedule_of(settings_dict)
-    settings = DeviceSettings(config)
+    settings = device_settings(config)
     local = LocalData.from_rows(schedule.training_rows(schedule.device_rows(1), 1), settings.valid_size, config["device"])
     assert 0 < float(local.interaction[config["LABEL_FIELD"]].mean()) < 1
     start = 0.1 * torch.randn(len(local.users), model.metapatch.shape[1], generator=torch.Generator().manual_seed(0))

@@ -21,7 +21,7 @@ from dccl_device.scoring import Scorer  # noqa: E402
 from dccl_device.training import OnDeviceTraining, train_metapatch  # noqa: E402
 from recbole_dccl.data import RoundSchedule  # noqa: E402
 from recbole_dccl.export import export, user_file  # noqa: E402
-from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise  # noqa: E402
+from recbole_dccl.trainer.device_phase import LocalData, device_settings, personalise  # noqa: E402
 from tests.helpers import build  # noqa: E402
 
 # On-device training against the batched phase: both float32 Adam on the same minibatches; the gradients agree to
@@ -84,13 +84,13 @@ def test_onnx_device_scores_and_trains_as_the_pytorch_device_phase(tiny_config, 
     assert np.abs(scores - expected).max() < 1e-5
 
     # Training: each device's phase on ONNX Runtime keeps the metapatch the batched phase gives that device.
-    device_settings = DeviceSettings(config)
+    phase_settings = device_settings(config)
     schedule = RoundSchedule(config, train_data)
-    local = LocalData.from_rows(schedule.training_rows(schedule.local_rows(1), 1), device_settings.valid_size, "cpu")
+    local = LocalData.from_rows(schedule.training_rows(schedule.local_rows(1), 1), phase_settings.valid_size, "cpu")
     start = model.metapatch[local.users]
     seed = 7
-    batched = personalise(model, local, start, device_settings, seed)
-    keys = local.shuffle_keys(device_settings.epochs, seed)
+    batched = personalise(model, local, start, phase_settings, seed)
+    keys = local.shuffle_keys(phase_settings.epochs, seed)
     folder = os.path.join(out, "device_training")
     for device, token in enumerate(dataset.id2token(dataset.uid_field, local.users.numpy())):
         data = load_arrays(user_file(os.path.join(out, "device_data"), token))

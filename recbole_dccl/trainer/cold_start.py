@@ -19,7 +19,7 @@ from time import time
 
 import torch
 
-from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
+from recbole_dccl.trainer.device_phase import LocalData, device_settings, personalise
 
 COLD_GROUP = "cold"
 STARTS = ("zero", "encoder")
@@ -30,7 +30,7 @@ def cold_start_report(trainer, schedule, seed):
     how many cold devices kept their fine-tuned patch."""
     start_time = time()
     model = trainer.model
-    settings = DeviceSettings(trainer.config)
+    settings = device_settings(trainer.config)
     arrival = schedule.rounds + 1  # the cold users arrive after the rounds
     rows = schedule.training_rows(schedule.cold_rows(), arrival)
     local = LocalData.from_rows(rows, settings.valid_size, trainer.device)

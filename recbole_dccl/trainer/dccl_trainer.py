@@ -20,7 +20,7 @@ from recbole_dccl.model.memory import FEATURES
 from recbole_dccl.files import load_safe, save_atomic
 from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, check_identity, plain, reading_files
 from recbole_dccl.trainer.cold_start import COLD_GROUP, cold_start_report, cold_start_table
-from recbole_dccl.trainer.device_phase import DeviceSettings, LocalData, personalise
+from recbole_dccl.trainer.device_phase import LocalData, device_settings, personalise
 from recbole_dccl.trainer.memory_fit import fit_memory
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
 from recbole_dccl.trainer.phase_log import publish_phase
@@ -233,7 +233,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             memory_values = {f"memory/{name}": value for name, value in zip(FEATURES, weights.tolist())}
             self._log(f"round {round_idx} personal memory chosen on the round's {len(self.round_loader.dataset)} rows: "
                       f"weights {', '.join(f'{name} {value:.3f}' for name, value in zip(FEATURES, weights.tolist()))}")
-        settings = DeviceSettings(self.config)
+        settings = device_settings(self.config)
         local = LocalData.from_rows(rows, settings.valid_size, self.device, share=user_share(self.config))
         start_metapatch = self.model.metapatch[local.users]
         # The outputs it computes are kept for MoMoDistill's teachers when the devices hold just the round's rows

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from recbole.data.interaction import Interaction
 
+from dccl_device.settings import DeviceSettings
 from recbole_dccl.errors import NonFiniteLoss
 from recbole_dccl.model.frozen import frozen
 from recbole_dccl.negatives import rows_per_positive
@@ -202,18 +203,9 @@ class BestOnLocalValidation:
         return DeviceResult(self.metapatch, adopted, self.cloud_loss, self.loss, train_loss)
 
 
-class DeviceSettings:
-    def __init__(self, config):
-        self.epochs = config["device_epochs"]
-        self.learning_rate = config["device_learning_rate"]
-        self.batch_size = config["device_batch_size"]
-        self.valid_size = config["device_valid_size"]
-        self.l2 = config["device_l2"]
-        self.chunk_size = config["device_chunk_size"]
-        self.cache_bytes = config["device_cache_mb"] * 2**20
-        self.show_progress = config["show_progress"]
-        self.select = config["device_select"]
-        self.rows_per_interaction = rows_per_positive(config)
+def device_settings(config):
+    """The device phase's :class:`~dccl_device.settings.DeviceSettings` of ``config``."""
+    return DeviceSettings.from_config(config, rows_per_positive(config))
 
 
 def device_groups(local, max_rows):
