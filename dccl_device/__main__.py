@@ -1,7 +1,7 @@
-"""One user's device on ONNX Runtime, from the files of ``python -m recbole_dccl.export --format=onnx --device_data``:
+"""One user's device on ONNX Runtime, from the files of ``python -m recbole_dccl.export --format=onnx --local_data``:
 
-    python -m dccl_device score --model=export/device_model.onnx --metapatch=export/metapatch/7.npz --data=export/device_data/7.npz
-    python -m dccl_device train --artifacts=export/device_training --metapatch=export/metapatch/7.npz --data=export/device_data/7.npz --out=trained/7.npz
+    python -m dccl_device score --model=export/device_model.onnx --metapatch=export/metapatch/7.npz --data=export/local_data/7.npz
+    python -m dccl_device train --artifacts=export/device_training --metapatch=export/metapatch/7.npz --data=export/local_data/7.npz --out=trained/7.npz
 
 ``score`` scores every row of the user's data (``--out``: the scores as array ``scores``); ``train`` runs the
 device phase and writes the metapatch the device keeps (what it uploads). Each prints a JSON report with the time

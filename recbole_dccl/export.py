@@ -1,7 +1,7 @@
 """Export what the devices run: the shared device model and each user's metapatch.
 
     python -m recbole_dccl.export --checkpoint=saved/DCCL-Nov-21-2026_10-00-00.pth --out=export
-    python -m recbole_dccl.export --checkpoint=saved/DCCL-Nov-21-2026_10-00-00.pth --out=export --format=onnx --device_data
+    python -m recbole_dccl.export --checkpoint=saved/DCCL-Nov-21-2026_10-00-00.pth --out=export --format=onnx --local_data
 
 From a DCCL checkpoint (saved/) this writes, of the run's deployed model (the model after the last phase, what the
 devices run) or with ``--reading=selected`` of the phase that scored best in the device view on valid,
@@ -18,7 +18,7 @@ devices run) or with ``--reading=selected`` of the phase that scored best in the
   the device (package :mod:`dccl_device`).
 - ``metapatch/<user token>.npz``: each user's metapatch (array ``metapatch``, ``[k]`` float32), the only per-user
   part of a device model.
-- with ``--device_data``, ``device_data/<user token>.npz``: the rows each user's device trains on in round 1 (the
+- with ``--local_data``, ``local_data/<user token>.npz``: the rows each user's device trains on in round 1 (the
   checkpoint's ``device_data`` key: the round's fresh rows, or all rows so far; one array per input field and the
   target; on implicit data each positive followed by its round-1 negatives), to run :mod:`dccl_device` on
   simulated devices.
@@ -161,9 +161,9 @@ def tensor_bytes(tensors):
     return int(sum(tensor.numel() * tensor.element_size() for tensor in tensors))
 
 
-def export(checkpoint_path, out, format="torch", device_data=False, reading=None):
+def export(checkpoint_path, out, format="torch", local_data=False, reading=None):
     """Write the device model in ``format`` (see :data:`FORMATS`), every user's metapatch and ``manifest.json`` to
-    ``out``; with ``device_data`` also each user's local data of round 1. ``reading``: which model of the run
+    ``out``; with ``local_data`` also each user's local data of round 1. ``reading``: which model of the run
     (default deployed). Returns the manifest."""
     if format not in FORMATS:
         raise InputError(f"format: [{format}] is not one of {', '.join(FORMATS)}.")
@@ -198,11 +198,11 @@ def export(checkpoint_path, out, format="torch", device_data=False, reading=None
     tokens = dataset.id2token(dataset.uid_field, users.numpy())
     for user, token in zip(users.tolist(), tokens):
         save_metapatch(user_file(folder, token), model.metapatch[user])
-    if device_data:
+    if local_data:
         schedule = RoundSchedule(config, train_data)
         rows = schedule.training_rows(schedule.local_rows(1), 1)  # with their negatives on implicit data
         fields = [*device_model.fields, model.objective.target_field]
-        save_local_data(rows.dataset, np.arange(len(rows)), fields, os.path.join(out, "device_data"), complete)
+        save_local_data(rows.dataset, np.arange(len(rows)), fields, os.path.join(out, "local_data"), complete)
 
     metapatch_bytes = tensor_bytes([model.metapatch[0]])
     metapatch_file_bytes = os.path.getsize(user_file(folder, tokens[0]))
@@ -269,13 +269,13 @@ def main(argv=None):
     parser.add_argument("--out", default="export", help="folder to write the device model and metapatches to")
     parser.add_argument("--format", default="torch", choices=FORMATS, help="torch: a torch.export program; onnx: "
                         "ONNX models for ONNX Runtime, scoring and on-device training (the 'device' extra)")
-    parser.add_argument("--device_data", action="store_true", help="also write each user's local data of round 1 "
-                        "(device_data/<user token>.npz), to run the device side on simulated devices")
+    parser.add_argument("--local_data", action="store_true", help="also write each user's local data of round 1 "
+                        "(local_data/<user token>.npz), to run the device side on simulated devices")
     parser.add_argument("--reading", default=None, help="model of the DCCL run: deployed (default, the model after "
                         "the last phase) or selected (the phase best on valid)")
     args = parser.parse_args(argv)
     try:
-        manifest = export(args.checkpoint, args.out, args.format, args.device_data, args.reading)
+        manifest = export(args.checkpoint, args.out, args.format, args.local_data, args.reading)
     except InputError as error:
         print(f"export: error: {error}", file=sys.stderr)
         return 2

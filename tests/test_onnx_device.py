@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def exported(config_dict, out):
     """A model with personalised (random) metapatches, saved as a checkpoint and exported with ``--format=onnx
-    --device_data``; returns ``(config, train_data, test_data, model, manifest)``."""
+    --local_data``; returns ``(config, train_data, test_data, model, manifest)``."""
     config, (train_data, _, test_data), model, trainer = build(config_dict)
     with torch.no_grad():
         model.metapatch.normal_(0, 0.5)
@@ -44,7 +44,7 @@ def exported(config_dict, out):
                 module.running_mean.normal_(0, 0.5)
                 module.running_var.uniform_(0.5, 2)
     trainer._save_checkpoint(0, verbose=False)
-    manifest = export(trainer.saved_model_file, out, format="onnx", device_data=True)
+    manifest = export(trainer.saved_model_file, out, format="onnx", local_data=True)
     return config, train_data, test_data, model, manifest
 
 
@@ -93,7 +93,7 @@ def test_onnx_device_scores_and_trains_as_the_pytorch_device_phase(tiny_config, 
     keys = local.shuffle_keys(phase_settings.epochs, seed)
     folder = os.path.join(out, "device_training")
     for device, token in enumerate(dataset.id2token(dataset.uid_field, local.users.numpy())):
-        data = load_arrays(user_file(os.path.join(out, "device_data"), token))
+        data = load_arrays(user_file(os.path.join(out, "local_data"), token))
         own = torch.nonzero(local.owner == device).squeeze(1)
         assert (data[dataset.iid_field] == local.interaction[dataset.iid_field][own].numpy()).all()
         trained = train_metapatch(folder, start[device].numpy(), data, keys[:, own].numpy())
@@ -124,7 +124,7 @@ def test_device_command_line_runs_without_torch(tiny_config, tmp_path):
     out = str(tmp_path / "export")
     _, train_data, _, _, _ = exported(tiny_config, out)
     token = train_data.dataset.id2token("user_id", [1])[0]
-    metapatch, data = (user_file(os.path.join(out, folder), token) for folder in ("metapatch", "device_data"))
+    metapatch, data = (user_file(os.path.join(out, folder), token) for folder in ("metapatch", "local_data"))
     commands = [
         ["score", f"--model={out}/device_model.onnx", f"--metapatch={metapatch}", f"--data={data}", "--out=scores.npz"],
         ["train", f"--artifacts={out}/device_training", f"--metapatch={metapatch}", f"--data={data}", "--out=kept.npz"],
