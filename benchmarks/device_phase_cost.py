@@ -39,7 +39,7 @@ from recbole.data.interaction import Interaction
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import synthetic
-from recbole_dccl.data import RoundSchedule, positions_from_newest
+from recbole_dccl.rounds import RoundSchedule, positions_from_newest
 from recbole_dccl.files import write_result_file
 from recbole_dccl.model.frozen import frozen
 from recbole_dccl.quick_start import build

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from experiments import round0
-from recbole_dccl.data import RoundSchedule
+from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.files import write_result_file
 
 TOP = 10

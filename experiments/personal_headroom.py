@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from recbole.data.interaction import cat_interactions
 
 from experiments import round0
-from recbole_dccl.data import RoundSchedule
+from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.files import write_result_file
 
 TOP = 10

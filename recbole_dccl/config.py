@@ -16,9 +16,10 @@ import yaml
 from recbole.config import Config
 from recbole.utils import ModelType
 
+from dccl_device.settings import RULES as DEVICE_RULES
 from dccl_device.settings import DeviceSettings
 
-from recbole_dccl.data import PROTOCOLS
+from recbole_dccl.rounds import PROTOCOLS
 from recbole_dccl.defaults import PROPERTIES_DIR, dccl_defaults
 from recbole_dccl.distributed import init_process_group
 from recbole_dccl.errors import InputError
@@ -137,6 +138,14 @@ SETTING_RULES = {
     "encoder_hidden_size": _POSITIVE_INT,
     "resume": (lambda v: v is None or (isinstance(v, str) and os.path.exists(v)), "None or an existing run-state file or folder"),
 }
+
+
+def setting_rule(key):
+    """``(test, what is valid)`` of a DCCL key (of the device phase's keys, :class:`DeviceSettings`'s), or None."""
+    if key in DEVICE_RULES:
+        _, is_valid, valid = DEVICE_RULES[key]
+        return is_valid, valid
+    return SETTING_RULES.get(key)
 
 
 def validate_dccl_settings(settings):

@@ -45,7 +45,7 @@ from recbole.data.interaction import Interaction
 from torch import nn
 
 from dccl_device.files import load_arrays, save_arrays
-from recbole_dccl.data import RoundSchedule
+from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.errors import InputError
 from recbole_dccl.model.memory import ITEMS, VALUES
 from recbole_dccl.files import write_atomic, write_result_file

@@ -26,7 +26,7 @@ import sys
 
 from recbole.trainer import HyperTuning
 
-from recbole_dccl.config import SETTING_RULES, DCCLConfig
+from recbole_dccl.config import DCCLConfig, setting_rule
 from recbole_dccl.errors import InputError, NonFiniteLoss
 from recbole_dccl.quick_start import run_recbole_dccl
 from recbole_dccl.trainer import DCCLTrainer
@@ -73,7 +73,7 @@ def check_choices(where, key, values):
         choices = None
     if not isinstance(choices, list) or not choices:
         raise InputError(f"{where}: choice takes a non-empty list of values, e.g. [0.01,0.1].")
-    is_valid, valid = SETTING_RULES.get(key, (lambda value: True, None))
+    is_valid, valid = setting_rule(key) or (lambda value: True, None)
     for choice in choices:
         if not is_valid(choice):
             raise InputError(f"{where}: {key} [{choice!r}] is not valid; it must be {valid}.")
@@ -98,7 +98,7 @@ def cloud_checkpoint_for(config):
     return os.path.join(config["checkpoint_dir"], name)
 
 
-class Objective:
+class TrialObjective:
     """RecBole's ``objective_function(config_dict, config_file_list)`` for :class:`HyperTuning`: one training
     run, scored on validation in ``view``."""
 
@@ -153,7 +153,7 @@ def search(args):
     if args.algo == "exhaustive" and ranges:
         raise InputError(f"algo: [exhaustive] tries every choice and cannot search ranges ({ranges}); use --algo=random or --algo=bayes.")
     tuner = HyperTuning(
-        Objective(args.model, args.dataset, args.view), params_file=args.params_file, fixed_config_file_list=config_files,
+        TrialObjective(args.model, args.dataset, args.view), params_file=args.params_file, fixed_config_file_list=config_files,
         display_file=args.display_file, algo=args.algo, max_evals=args.max_evals or 100, early_stop=args.early_stop,
     )
     if args.max_evals:  # exhaustive search sets it to the number of combinations

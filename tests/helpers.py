@@ -5,7 +5,7 @@ import os
 import torch
 
 from recbole_dccl import quick_start
-from recbole_dccl.data import RoundSchedule
+from recbole_dccl.rounds import RoundSchedule
 
 
 def build(config_dict, model="DCCL", dataset="tiny", config_file_list=None):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from recbole_dccl.data import RoundSchedule
+from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.utils import get_model
 from tests.helpers import build
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from recbole_dccl.data import RoundSchedule, positions_from_newest
+from recbole_dccl.rounds import RoundSchedule, positions_from_newest
 from tests.helpers import build
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from recbole_dccl.data import ROW_FIELD, RoundSchedule
+from recbole_dccl.rounds import ROW_FIELD, RoundSchedule
 from recbole_dccl.errors import InputError
 from recbole_dccl.quick_start import run_recbole_dccl
 from recbole_dccl.files import save_atomic

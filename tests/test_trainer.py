@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from recbole_dccl.data import RoundSchedule
+from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.errors import InputError
 from recbole_dccl.quick_start import run_recbole_dccl
 from recbole_dccl.trainer.checkpoint import reading_files

@@ -1,6 +1,6 @@
 """Cold start: serving users the cloud has never trained on (``cold_start_ratio``).
 
-The cold users sit out round 0 and every round (:class:`recbole_dccl.data.RoundSchedule`). After the rounds
+The cold users sit out round 0 and every round (:class:`recbole_dccl.rounds.RoundSchedule`). After the rounds
 they arrive with the rows their device holds, and each cold device is scored (device view, ``cold`` user group)
 from four starting points:
 

@@ -9,7 +9,7 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import ModelType, dict2str, init_seed, set_color
 
-from recbole_dccl.data import RoundSchedule
+from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.defaults import dccl_defaults
 from recbole_dccl.distributed import (
     DistributedTrainerMixin, gather_user_rows, is_main_process, sum_over_ranks, user_share,

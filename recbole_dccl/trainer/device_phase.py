@@ -51,7 +51,7 @@ class LocalData:
 
     @classmethod
     def from_rows(cls, rows, valid_size, device, share=(0, 1)):
-        """The devices of ``rows`` (:class:`~recbole_dccl.data.TrainingRows`), each holding out its ``valid_size``
+        """The devices of ``rows`` (:class:`~recbole_dccl.rounds.TrainingRows`), each holding out its ``valid_size``
         newest positives with their negatives; with ``share=(index, parts)`` only the users at positions
         ``index, index + parts, ...`` of the round's users, the ones a rank of ``parts`` holds."""
         dataset = rows.dataset
