@@ -19,9 +19,9 @@ from time import perf_counter
 
 import torch
 
-from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.files import write_result_file
 from recbole_dccl.quick_start import build
+from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.trainer.momodistill import DeviceTeachers, _run_epoch, distill_cloud_epoch, shared_parameters_epoch
 
 

@@ -39,10 +39,10 @@ from recbole.data.interaction import Interaction
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import synthetic
-from recbole_dccl.rounds import RoundSchedule, positions_from_newest
 from recbole_dccl.files import write_result_file
 from recbole_dccl.model.frozen import frozen
 from recbole_dccl.quick_start import build
+from recbole_dccl.rounds import RoundSchedule, positions_from_newest
 from recbole_dccl.trainer.device_phase import LocalData, device_settings, personalise, personalise_one_by_one
 from recbole_dccl.trainer.site_cache import SiteCache
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from experiments import round0
-from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.files import write_result_file
+from recbole_dccl.rounds import RoundSchedule
 
 TOP = 10
 

@@ -34,8 +34,8 @@ from torch.nn import functional as F
 from recbole.data.interaction import cat_interactions
 
 from experiments import round0
-from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.files import write_result_file
+from recbole_dccl.rounds import RoundSchedule
 
 TOP = 10
 CHUNK = 4096

@@ -16,14 +16,12 @@ import yaml
 from recbole.config import Config
 from recbole.utils import ModelType
 
-from dccl_device.settings import RULES as DEVICE_RULES
-from dccl_device.settings import DeviceSettings
-
-from recbole_dccl.rounds import PROTOCOLS
+from dccl_device.settings import RULES as DEVICE_RULES, DeviceSettings
 from recbole_dccl.defaults import PROPERTIES_DIR, dccl_defaults
 from recbole_dccl.distributed import init_process_group
 from recbole_dccl.errors import InputError
 from recbole_dccl.model.families import family_of
+from recbole_dccl.rounds import PROTOCOLS
 from recbole_dccl.utils import get_model
 
 

@@ -45,11 +45,11 @@ from recbole.data.interaction import Interaction
 from torch import nn
 
 from dccl_device.files import load_arrays, save_arrays
-from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.errors import InputError
-from recbole_dccl.model.memory import ITEMS, VALUES
 from recbole_dccl.files import write_atomic, write_result_file
+from recbole_dccl.model.memory import ITEMS, VALUES
 from recbole_dccl.quick_start import load_from_checkpoint, read_checkpoint
+from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.trainer.device_phase import device_settings
 
 FORMATS = {"torch": "device_model.pt2", "onnx": "device_model.onnx"}  # format -> the device model's file

@@ -28,9 +28,9 @@ from recbole.trainer import HyperTuning
 
 from recbole_dccl.config import DCCLConfig, setting_rule
 from recbole_dccl.errors import InputError, NonFiniteLoss
+from recbole_dccl.files import write_atomic
 from recbole_dccl.quick_start import run_recbole_dccl
 from recbole_dccl.trainer import DCCLTrainer
-from recbole_dccl.files import write_atomic
 
 # RecBole's kinds of search ranges and how many numbers each takes after the key's name.
 RANGE_SIZES = {"uniform": 2, "quniform": 3, "loguniform": 2}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from recbole_dccl.errors import InputError
-from recbole_dccl.trainer import checkpoint
 from recbole_dccl.files import load_safe
+from recbole_dccl.trainer import checkpoint
 from recbole_dccl.trainer.checkpoint import reading_files
 from recbole_dccl.trainer.resume import ResumedRun
 from tests.helpers import build

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from recbole_dccl.rounds import RoundSchedule, TrainingRows, cold_start_users
 from recbole_dccl.quick_start import run_recbole_dccl
+from recbole_dccl.rounds import RoundSchedule, TrainingRows, cold_start_users
 from tests.helpers import build
 
 

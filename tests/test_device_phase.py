@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.model.metapatch import PatchContext, wrap_site
+from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.trainer.device_phase import (
     LocalData, device_settings, gather_rows, personalise, personalise_one_by_one,
 )

@@ -10,8 +10,8 @@ import torch
 
 from dccl_device.memory import memory_fields
 from recbole_dccl.errors import InputError
-from recbole_dccl.model.memory import ITEMS, RECENCY_DECAY, VALUES
 from recbole_dccl.model.frozen import frozen
+from recbole_dccl.model.memory import ITEMS, RECENCY_DECAY, VALUES
 from recbole_dccl.trainer.memory_fit import LabelledRows, RankedRows, fit_memory
 from tests.conftest import TINY_SETTINGS
 from tests.helpers import build

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from recbole_dccl.rounds import ROW_FIELD, RoundSchedule
 from recbole_dccl.errors import InputError
-from recbole_dccl.quick_start import run_recbole_dccl
 from recbole_dccl.files import save_atomic
+from recbole_dccl.quick_start import run_recbole_dccl
+from recbole_dccl.rounds import ROW_FIELD, RoundSchedule
 from recbole_dccl.trainer.checkpoint import plain
 from recbole_dccl.trainer.device_phase import LocalData, device_settings, personalise, personalise_one_by_one
 from recbole_dccl.trainer.momodistill import DeviceTeachers

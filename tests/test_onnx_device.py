@@ -19,8 +19,8 @@ pytest.importorskip("onnxruntime.training", reason="the 'device' extra is not in
 from dccl_device.files import load_arrays  # noqa: E402
 from dccl_device.scoring import Scorer  # noqa: E402
 from dccl_device.training import OnDeviceTraining, train_metapatch  # noqa: E402
-from recbole_dccl.rounds import RoundSchedule  # noqa: E402
 from recbole_dccl.export import export, user_file  # noqa: E402
+from recbole_dccl.rounds import RoundSchedule  # noqa: E402
 from recbole_dccl.trainer.device_phase import LocalData, device_settings, personalise  # noqa: E402
 from tests.helpers import build  # noqa: E402
 

@@ -15,10 +15,10 @@ import torch
 import yaml
 
 from recbole_dccl.errors import InputError, NonFiniteLoss
+from recbole_dccl.files import load_safe
 from recbole_dccl.model.dccl import DCCL
 from recbole_dccl.model.objectives import NextItemObjective
 from recbole_dccl.trainer import device_phase
-from recbole_dccl.files import load_safe
 from recbole_dccl.trainer.checkpoint import READINGS, reading_files
 from recbole_dccl.trainer.resume import ResumedRun, run_state_file, run_state_files, save_run_state
 from tests.helpers import build

@@ -4,8 +4,8 @@ step 2 computes its own once; neither changes a result, and whoever asks first, 
 import pytest
 import torch
 
-from recbole_dccl.rounds import ROW_FIELD, RoundSchedule
 from recbole_dccl.quick_start import run_recbole_dccl
+from recbole_dccl.rounds import ROW_FIELD, RoundSchedule
 from recbole_dccl.trainer.momodistill import DeviceTeachers, shared_parameters_epoch
 from recbole_dccl.trainer.site_cache import RowCache
 from tests.helpers import build

@@ -6,9 +6,9 @@ import re
 import pytest
 import torch
 
-from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.errors import InputError
 from recbole_dccl.quick_start import run_recbole_dccl
+from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.trainer.checkpoint import reading_files
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch
 from tests.helpers import build

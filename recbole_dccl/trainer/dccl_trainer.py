@@ -9,15 +9,15 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import ModelType, dict2str, init_seed, set_color
 
-from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.defaults import dccl_defaults
+from recbole_dccl.rounds import RoundSchedule
 from recbole_dccl.distributed import (
     DistributedTrainerMixin, gather_user_rows, is_main_process, sum_over_ranks, user_share,
 )
-from recbole_dccl.evaluation import UserGroupEvaluationMixin
 from recbole_dccl.errors import NonFiniteLoss
-from recbole_dccl.model.memory import FEATURES
+from recbole_dccl.evaluation import UserGroupEvaluationMixin
 from recbole_dccl.files import load_safe, save_atomic
+from recbole_dccl.model.memory import FEATURES
 from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, check_identity, plain, reading_files
 from recbole_dccl.trainer.cold_start import COLD_GROUP, cold_start_report, cold_start_table
 from recbole_dccl.trainer.device_phase import LocalData, device_settings, personalise

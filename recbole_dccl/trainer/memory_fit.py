@@ -26,9 +26,9 @@ import re
 
 import torch
 
+from recbole_dccl.model.frozen import frozen
 from recbole_dccl.model.memory import FEATURES, ITEMS, VALUES
 from recbole_dccl.model.objectives import NextItemObjective
-from recbole_dccl.model.frozen import frozen
 
 GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # each weight's candidates (logits per unit of its feature)
 RANKING_METRICS = ("ndcg", "hit", "recall", "mrr", "precision")

@@ -23,8 +23,8 @@ from contextlib import contextmanager
 import torch
 from torch.func import functional_call
 
-from recbole_dccl.rounds import ROW_FIELD
 from recbole_dccl.model.metapatch import SiteReached
+from recbole_dccl.rounds import ROW_FIELD
 
 
 @contextmanager
