@@ -3,34 +3,32 @@
 recbole_dccl's batched device phase runs every device with a :class:`DeviceSettings` built from the config
 (:meth:`DeviceSettings.from_config`, which also refuses bad values before any training); the ONNX export writes its
 device part into the training artifacts' ``settings.json`` (:meth:`DeviceSettings.device_part`), and
-``python -m dccl_device`` reads it back (:meth:`DeviceSettings.read`), so the simulated devices and a real one
+``python -m dccl_device`` reads it back (:meth:`DeviceSettings.from_device_part`), so the simulated devices and a real one
 train alike. Standard library only: a device has no torch.
 """
 
-import json
-import os
 from dataclasses import asdict, dataclass, fields
 
 
 
-def _INT(value):
+def _integer(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _NUMBER(value):
+def _number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # config key -> (field, test, what is valid)
 RULES = {
-    "device_epochs": ("epochs", lambda v: _INT(v) and v >= 0, "an integer >= 0"),
-    "device_learning_rate": ("learning_rate", lambda v: _NUMBER(v) and v > 0, "a number > 0"),
-    "device_batch_size": ("batch_size", lambda v: _INT(v) and v > 0, "a positive integer"),
-    "device_valid_size": ("valid_size", lambda v: _INT(v) and v >= 0, "an integer >= 0"),
+    "device_epochs": ("epochs", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "device_learning_rate": ("learning_rate", lambda v: _number(v) and v > 0, "a number > 0"),
+    "device_batch_size": ("batch_size", lambda v: _integer(v) and v > 0, "a positive integer"),
+    "device_valid_size": ("valid_size", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     "device_select": ("select", lambda v: v in ("best", "last"), "'best' or 'last'"),
-    "device_l2": ("l2", lambda v: _NUMBER(v) and v >= 0, "a number >= 0"),
-    "device_chunk_size": ("chunk_size", lambda v: _INT(v) and v > 0, "a positive integer"),
-    "device_cache_mb": ("cache_bytes", lambda v: _INT(v) and v >= 0, "an integer >= 0"),
+    "device_l2": ("l2", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "device_chunk_size": ("chunk_size", lambda v: _integer(v) and v > 0, "a positive integer"),
+    "device_cache_mb": ("cache_bytes", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
 }
 SIMULATION = ("chunk_size", "cache_bytes", "show_progress")  # how the cloud runs all devices at once; no device's
 
@@ -66,8 +64,6 @@ class DeviceSettings:
         return {name: value for name, value in asdict(self).items() if name not in SIMULATION}
 
     @classmethod
-    def read(cls, folder):
-        """The settings in ``folder``'s ``settings.json`` (the training artifacts of an ONNX export)."""
-        with open(os.path.join(folder, "settings.json")) as file:
-            stored = json.load(file)["device"]
+    def from_device_part(cls, stored):
+        """The settings a device was given (:meth:`device_part`, as ``settings.json`` holds them)."""
         return cls(**{field.name: stored[field.name] for field in fields(cls) if field.name in stored})

@@ -39,7 +39,7 @@ class TrainedMetapatch:
 
 def read_settings(folder):
     """``settings.json`` of the artifacts in ``folder``: the training graph's ``inputs`` and ``target``, the
-    optimizer, and the device phase's settings (``device``: :meth:`DeviceSettings.read`)."""
+    optimizer, and the device phase's settings (``device``: :meth:`DeviceSettings.device_part`)."""
     with open(os.path.join(folder, "settings.json")) as file:
         return json.load(file)
 
@@ -91,7 +91,8 @@ def train_metapatch(folder, start, data, shuffle_keys=None, seed=0):
     """One user's device phase from metapatch ``start`` (``[k]``) on ``data`` (field -> array, the user's rows in
     time order) with the artifacts in ``folder``. ``shuffle_keys``: ``[epochs, rows]``, the random key of each row
     in each epoch (an epoch visits the rows in the order of their keys); drawn from ``seed`` when not given."""
-    graph, settings = read_settings(folder), DeviceSettings.read(folder)
+    graph = read_settings(folder)
+    settings = DeviceSettings.from_device_part(graph["device"])
     training = OnDeviceTraining(folder)
     start = np.asarray(start, dtype=np.float32).reshape(1, -1)
     rows = len(data[graph["target"]])
