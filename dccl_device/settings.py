@@ -10,7 +10,6 @@ train alike. Standard library only: a device has no torch.
 from dataclasses import asdict, dataclass, fields
 
 
-
 def _integer(value):
     return isinstance(value, int) and not isinstance(value, bool)
 

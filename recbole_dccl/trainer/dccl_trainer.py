@@ -226,14 +226,14 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
     def device_phase(self, round_idx, rows):
         """Round ``round_idx``'s devices train on ``rows`` (:class:`TrainingRows`)."""
         start = time()
+        settings = device_settings(self.config)
         memory_values = {}
         if self.model.memory is not None:
-            weights = fit_memory(self.model, self.round_loader.dataset, self.config["valid_metric"],
-                                 self.config["device_chunk_size"], self.device)
+            weights = fit_memory(self.model, self.round_loader.dataset, self.config["valid_metric"], settings.chunk_size,
+                                 self.device)
             memory_values = {f"memory/{name}": value for name, value in zip(FEATURES, weights.tolist())}
             self._log(f"round {round_idx} personal memory chosen on the round's {len(self.round_loader.dataset)} rows: "
                       f"weights {', '.join(f'{name} {value:.3f}' for name, value in zip(FEATURES, weights.tolist()))}")
-        settings = device_settings(self.config)
         local = LocalData.from_rows(rows, settings.valid_size, self.device, share=user_share(self.config))
         start_metapatch = self.model.metapatch[local.users]
         # The outputs it computes are kept for MoMoDistill's teachers when the devices hold just the round's rows
@@ -282,8 +282,8 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
 
     def row_cache(self):
         """A :class:`RowCache` of the round's rows."""
-        max_bytes = self.config["device_cache_mb"] * 2**20
-        return RowCache(self.round_loader.dataset, self.device, max_bytes, self.config["device_chunk_size"])
+        settings = device_settings(self.config)
+        return RowCache(self.round_loader.dataset, self.device, settings.cache_bytes, settings.chunk_size)
 
     # Evaluation and bookkeeping --------------------------------------------------------------------------------
 
