@@ -3,8 +3,8 @@
 recbole_dccl's batched device phase runs every device with a :class:`DeviceSettings` built from the config
 (:meth:`DeviceSettings.from_config`, which also refuses bad values before any training); the ONNX export writes its
 device part into the training artifacts' ``settings.json`` (:meth:`DeviceSettings.device_part`), and
-``python -m dccl_device`` reads it back (:meth:`DeviceSettings.from_device_part`), so the simulated devices and a real one
-train alike. Standard library only: a device has no torch.
+``python -m dccl_device`` reads it back (:meth:`DeviceSettings.from_device_part`), so the simulated devices and a
+real one train alike. Standard library only: a device has no torch.
 """
 
 from dataclasses import asdict, dataclass, fields

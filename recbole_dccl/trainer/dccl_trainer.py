@@ -229,8 +229,8 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         settings = device_settings(self.config)
         memory_values = {}
         if self.model.memory is not None:
-            weights = fit_memory(self.model, self.round_loader.dataset, self.config["valid_metric"], settings.chunk_size,
-                                 self.device)
+            weights = fit_memory(self.model, self.round_loader.dataset, self.config["valid_metric"],
+                                 settings.chunk_size, self.device)
             memory_values = {f"memory/{name}": value for name, value in zip(FEATURES, weights.tolist())}
             self._log(f"round {round_idx} personal memory chosen on the round's {len(self.round_loader.dataset)} rows: "
                       f"weights {', '.join(f'{name} {value:.3f}' for name, value in zip(FEATURES, weights.tolist()))}")
