@@ -37,11 +37,11 @@ def measure(args, backbone):
     config, (train_data, _, _), model, trainer = build(config_dict, dataset=args.dataset)
     trainer.verbose = False
     rows = trainer.start_round(RoundSchedule(config, train_data), 1)
-    loader = trainer.round_loader
+    loader = trainer.round.loader
     trainer.device_phase(1, rows)  # fills the round's cache for the teachers
     with torch.no_grad():  # devices as if they had all adopted a patch: every teacher row patched
         model.uploaded_metapatch.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
-    teachers = DeviceTeachers(model, cache=trainer.round_cache)
+    teachers = DeviceTeachers(model, cache=trainer.round.cache)
     uncached_teachers = DeviceTeachers(model)
     cloud_optimizer = torch.optim.Adam(model.backbone.parameters(), lr=config["learning_rate"])
     shared = list(model.patches.parameters()) + list(model.encoder.parameters())

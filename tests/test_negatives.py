@@ -95,7 +95,7 @@ def test_the_round_loader_samples_nothing_more_and_numbers_the_materialised_rows
     rows = trainer.start_round(schedule, 1)
     iid = config["ITEM_ID_FIELD"]
     for _ in range(2):
-        batches = list(trainer.round_loader)
+        batches = list(trainer.round.loader)
         numbers = torch.cat([batch[ROW_FIELD] for batch in batches])
         assert sorted(numbers.tolist()) == list(range(len(rows)))
         items = torch.cat([batch[iid] for batch in batches])
@@ -107,12 +107,12 @@ def test_a_negative_never_gets_its_positives_cached_site_output(implicit_config)
     trainer.verbose = False
     rows = trainer.start_round(schedule, 1)
     trainer.device_phase(1, rows)
-    cache = trainer.round_cache
+    cache = trainer.round.cache
     assert cache.outputs is not None and len(cache.outputs) == len(rows)
     outputs = cache.outputs
     assert (outputs[0::2] - outputs[1::2]).abs().amax(dim=1).min() > 0  # positive vs its negative: other items
     cached, plain = DeviceTeachers(model, cache=cache), DeviceTeachers(model)
-    for batch in trainer.round_loader:
+    for batch in trainer.round.loader:
         batch = batch.to(config["device"])
         assert torch.allclose(cached.logits(batch), plain.logits(batch), atol=1e-6)
 

@@ -98,7 +98,7 @@ def test_run_resumed_after_a_crash_equals_the_uninterrupted_run(tiny_config, dev
     settings = {**tiny_config, "rounds": 2, "device_method": device_method, "train_batch_size": 89}
     _, (train_data, valid_data, test_data), _, reference = build(settings)
     reference.fit(train_data, valid_data, saved=True, test_data=test_data)
-    assert len(reference.round_loader.dataset) == 90
+    assert len(reference.round.loader.dataset) == 90
 
     _, (train_data, valid_data, test_data), _, crashing = build(settings)
     run_phase = getattr(crashing, crashing_phase)
@@ -114,7 +114,7 @@ def test_run_resumed_after_a_crash_equals_the_uninterrupted_run(tiny_config, dev
 
     _, (train_data, valid_data, test_data), _, resumed = build({**settings, "resume": crashing.run_state_file})
     resumed.fit(train_data, valid_data, saved=True, test_data=test_data)
-    assert resumed.history == reference.history
+    assert resumed.record.history == reference.record.history
     assert resumed.report["dccl_device"] == reference.report["dccl_device"]
     # The weights at the end, not only the (coarse) ranking metrics of 30 users, each run's from its own file.
     assert resumed.run_state_file != reference.run_state_file
@@ -139,7 +139,7 @@ def test_a_run_resumed_after_its_last_phase_saves_the_models_it_ended_with(tiny_
     finished.fit(train_data, valid_data, saved=True)
     _, (train_data, valid_data, _), _, resumed = build({**settings, "resume": finished.run_state_file})
     resumed.fit(train_data, valid_data, saved=True)
-    assert resumed.history == finished.history
+    assert resumed.record.history == finished.record.history
     assert_same_saved_models(resumed, finished)
 
 
@@ -180,7 +180,7 @@ def test_run_cut_inside_round_0_resumes_from_its_last_epoch(tiny_config, stoppin
     resumed.fit(train_data, valid_data, saved=True, test_data=test_data,
                 callback_fn=lambda epoch_idx, valid_score: resumed_epochs.append(epoch_idx))
     assert resumed_epochs == [epoch for epoch in epochs_run if epoch > state["round_0"]["epoch"]]
-    assert resumed.history == reference.history
+    assert resumed.record.history == reference.record.history
     assert resumed.report["dccl_device"] == reference.report["dccl_device"]
     final, expected = (load_safe(trainer.run_state_file, "resume")["model"] for trainer in (resumed, reference))
     assert [name for name in expected if not torch.equal(final[name], expected[name])] == []
@@ -220,7 +220,7 @@ def test_run_after_a_nan_resumes_from_the_last_good_state(tiny_config, monkeypat
             trainer.fit(train_data, valid_data, saved=True)
     _, _, _, resumed = build({**tiny_config, "rounds": 1, "resume": trainer.run_state_file})
     resumed.fit(train_data, valid_data, saved=True)
-    assert [(entry["round"], entry["phase"]) for entry in resumed.history] == [
+    assert [(entry["round"], entry["phase"]) for entry in resumed.record.history] == [
         (0, "cloud"), (1, "device"), (1, "momodistill"), (1, "shared"),
     ]
     assert torch.isfinite(resumed.model.metapatch).all()

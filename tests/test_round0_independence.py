@@ -77,5 +77,5 @@ def test_a_run_that_loads_its_round_0_goes_on_exactly_as_the_run_that_trained_it
             "cloud_checkpoint": str(tmp_path / "cloud.pth"),
         })
         trainer.fit(train_data, valid_data, verbose=False, saved=False)
-        histories.append(trainer.history)
+        histories.append(trainer.record.history)
     assert histories[0][1:] == histories[1][1:]  # every phase of round 1, both views, every metric

@@ -26,17 +26,17 @@ def round_one(tiny_config, settings=None):
 
 def test_round_loader_numbers_its_rows(tiny_config):
     _, _, _, trainer, rows = round_one(tiny_config)
-    numbers = torch.cat([batch[ROW_FIELD] for batch in trainer.round_loader])
+    numbers = torch.cat([batch[ROW_FIELD] for batch in trainer.round.loader])
     assert sorted(numbers.tolist()) == list(range(len(rows)))
 
 
 def test_teachers_run_from_the_device_phase_outputs(tiny_config):
     config, train_data, model, trainer, rows = round_one(tiny_config)
     trainer.device_phase(1, rows)
-    assert len(trainer.round_cache.outputs) == len(rows)  # the device phase kept the outputs of every round row
-    cached, plain = DeviceTeachers(model, cache=trainer.round_cache), DeviceTeachers(model)
+    assert len(trainer.round.cache.outputs) == len(rows)  # the device phase kept the outputs of every round row
+    cached, plain = DeviceTeachers(model, cache=trainer.round.cache), DeviceTeachers(model)
     gru_calls = counting_calls(model.backbone.gru_layers)
-    for batch in trainer.round_loader:
+    for batch in trainer.round.loader:
         batch = batch.to(config["device"])
         before = len(gru_calls)
         teacher_logits = cached.logits(batch)
@@ -48,9 +48,9 @@ def test_teachers_fill_the_cache_when_the_device_phase_did_not(tiny_config):
     config, _, model, trainer, _ = round_one(tiny_config)
     with torch.no_grad():
         model.uploaded_metapatch.normal_(generator=torch.Generator().manual_seed(0))
-    cached, plain = DeviceTeachers(model, cache=trainer.round_cache), DeviceTeachers(model)
+    cached, plain = DeviceTeachers(model, cache=trainer.round.cache), DeviceTeachers(model)
     gru_calls = counting_calls(model.backbone.gru_layers)
-    batches = [batch.to(config["device"]) for batch in trainer.round_loader]
+    batches = [batch.to(config["device"]) for batch in trainer.round.loader]
     first = [cached.logits(batch) for batch in batches]
     calls = len(gru_calls)
     again = [cached.logits(batch) for batch in batches]
@@ -70,7 +70,7 @@ def test_step_2_from_its_cached_outputs_equals_running_the_backbone(tiny_config)
         cache = trainer.row_cache() if cache else None
         torch.manual_seed(5)
         for _ in range(2):
-            shared_parameters_epoch(model, trainer.round_loader, optimizer, teachers, config, cache)
+            shared_parameters_epoch(model, trainer.round.loader, optimizer, teachers, config, cache)
         return cache, {name: value for name, value in model.state_dict().items() if not name.startswith("backbone.")}
 
     cache, with_cache = shared_after_two_epochs(cache=True)
@@ -83,9 +83,9 @@ def test_step_2_from_its_cached_outputs_equals_running_the_backbone(tiny_config)
 def test_a_cache_over_its_memory_budget_holds_nothing(tiny_config):
     config, _, model, trainer, rows = round_one(tiny_config)
     max_bytes = 4 * tiny_config["hidden_size"] * len(rows) - 1
-    too_small = RowCache(trainer.round_loader.dataset, config["device"], max_bytes, chunk_size=1024)
+    too_small = RowCache(trainer.round.loader.dataset, config["device"], max_bytes, chunk_size=1024)
     teachers = DeviceTeachers(model, cache=too_small)
-    batch = next(iter(trainer.round_loader)).to(config["device"])
+    batch = next(iter(trainer.round.loader)).to(config["device"])
     teachers.logits(batch)
     assert not too_small.usable and too_small.outputs is None
 

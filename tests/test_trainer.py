@@ -171,7 +171,7 @@ def test_device_view_without_patches_is_scored_as_the_cloud_view(request, fixtur
     score_view = trainer.score_view
 
     def counted(view):
-        evaluated.append((len(trainer.history), view, not trainer._device_view_is_cloud()))
+        evaluated.append((len(trainer.record.history), view, not trainer._device_view_is_cloud()))
         return score_view(view)
 
     trainer.score_view = counted

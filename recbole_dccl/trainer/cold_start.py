@@ -40,7 +40,7 @@ def cold_start_report(trainer, schedule, seed):
     starts["zero"] = torch.zeros_like(starts["encoder"])
     kept = model.metapatch[users].clone()
 
-    first = trainer.history[0]["cloud"]
+    first = trainer.record.history[0]["cloud"]
     report = {"users": len(users), "cloud_only": _cold_scores(first)}
     try:
         for name in STARTS:
@@ -51,7 +51,7 @@ def cold_start_report(trainer, schedule, seed):
             report[f"{name}_finetuned"]["adopted"] = int(finetuned.adopted.sum())
     finally:
         model.metapatch[users] = kept
-    trainer.phase_seconds["cold start"] = time() - start_time
+    trainer.record.phase_seconds["cold start"] = time() - start_time
     return report
 
 

@@ -25,6 +25,7 @@ from recbole_dccl.trainer.memory_fit import fit_memory
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
 from recbole_dccl.trainer.phase_log import publish_phase
 from recbole_dccl.trainer.resume import ResumedRun, Round0Progress, run_state_file, save_run_state
+from recbole_dccl.trainer.run_state import RoundState, RunRecord
 from recbole_dccl.trainer.site_cache import RowCache
 
 
@@ -34,11 +35,9 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self.optimizer = self._build_optimizer(params=self.model.backbone.parameters())
         # device_method none: no device phase and no step 2; the device view is the cloud view.
         self.has_devices = config["device_method"] != "none"
-        self.history = []
-        self.best = {}
-        self.phase_seconds = {}
+        self.record = RunRecord()
+        self.round = None  # the RoundState of the round being run
         self.phase_values = {}  # what the phase being run measured, for phase_log
-        self.teachers = self.round_loader = self.round_cache = None  # of the round being run
         self.resumed = self.resumed_round_0 = self.run_state_file = None
         self.report = None
         self.cold_start = None
@@ -76,7 +75,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             self.cold_start = cold_start_report(self, schedule, self.config["seed"] + self.config["rounds"] + 1)
             self._log(cold_start_table(self.cold_start, self.valid_metric))
 
-        best = self.best
+        best = self.record.best
         self.model.load_state_dict(best["device_state"])
         self.model.view = "device"
         self.best_valid_score = best["device"]["score"]
@@ -114,8 +113,8 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         init_seed(self.config["seed"] + self.config["local_rank"] + round_idx, self.config["reproducibility"])
         rows = schedule.training_rows(schedule.device_rows(round_idx), round_idx)
         self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
-        self.round_loader = rows.loader(self.config)
-        self.round_cache = self.row_cache()
+        self.round = RoundState(rows.loader(self.config), None)
+        self.round.cache = self.row_cache()
         return rows
 
     def _collect_user_groups(self, schedule, train_data):
@@ -129,7 +128,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self.resumed = None
         if self.config["resume"]:
             self.resumed = ResumedRun(self.config["resume"], self._settings())
-            self.resumed.restore_bookkeeping(self)
+            self.record = self.resumed.record()
             state = self.resumed.state
             done = (f"round 0 epoch {state['round_0']['epoch']}" if self.resumed.round_0
                     else f"round {state['round']} {state['phase']}")
@@ -144,7 +143,10 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         if self.resumed is not None:
             if self.resumed.done(round_idx, phase):
                 return
-            self.resumed.restore_training(self, round_idx)
+            if self.resumed.round_0:  # round 0 restores itself once its loader is built
+                self.resumed_round_0 = self.resumed
+            else:
+                self.resumed.restore_training(self, round_idx)
             self.resumed = None
         try:
             run()
@@ -155,7 +157,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
                 + (f"the run state after the last completed phase (or epoch of round 0) is kept in "
                    f"[{self.run_state_file}]" if kept else "no run state was written before it")
             ) from None
-        self.best = self._record(round_idx, phase, self.best, changed)
+        self._record(round_idx, phase, changed)
         self._publish(round_idx, phase)
         if self.run_state_file:
             save_run_state(self.run_state_file, self, round_idx, phase, self._settings())
@@ -221,7 +223,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self._collect_user_groups(schedule, train_data)  # RecBole's fit collected round 0's rows only
         if progress.best_weights is not None:
             self.model.load_state_dict(progress.best_weights)
-        self.phase_seconds["round 0 cloud"] = time() - start
+        self.record.phase_seconds["round 0 cloud"] = time() - start
 
     def device_phase(self, round_idx, rows):
         """Round ``round_idx``'s devices train on ``rows`` (:class:`TrainingRows`)."""
@@ -229,16 +231,17 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         settings = device_settings(self.config)
         memory_values = {}
         if self.model.memory is not None:
-            weights = fit_memory(self.model, self.round_loader.dataset, self.config["valid_metric"],
+            weights = fit_memory(self.model, self.round.loader.dataset, self.config["valid_metric"],
                                  settings.chunk_size, self.device)
             memory_values = {f"memory/{name}": value for name, value in zip(FEATURES, weights.tolist())}
-            self._log(f"round {round_idx} personal memory chosen on the round's {len(self.round_loader.dataset)} rows: "
+            self._log(f"round {round_idx} personal memory chosen on the round's {len(self.round.loader.dataset)} rows: "
                       f"weights {', '.join(f'{name} {value:.3f}' for name, value in zip(FEATURES, weights.tolist()))}")
         local = LocalData.from_rows(rows, settings.valid_size, self.device, share=user_share(self.config))
         start_metapatch = self.model.metapatch[local.users]
         # The outputs it computes are kept for MoMoDistill's teachers when the devices hold just the round's rows
         # (the rows they hold always include those: only their number tells the two apart).
-        keep = self.round_cache if self.round_cache is not None and len(self.round_cache.data) == len(rows) else None
+        cache = self.round.cache
+        keep = cache if cache is not None and len(cache.data) == len(rows) else None
         result = personalise(self.model, local, start_metapatch, settings, self.config["seed"] + round_idx, keep=keep)
         users, metapatch = gather_user_rows(self.config, local.users, result.metapatch, len(self.model.metapatch))
         self.model.metapatch[users] = metapatch
@@ -249,7 +252,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         loss = sum_over_ranks(self.config, float(result.train_loss[trained].sum())) / n_trained if n_trained else float("nan")
         self.phase_values = {"loss/device": loss, "adopted_share": adopted / len(users), **memory_values}
         seconds = time() - start
-        self.phase_seconds[f"round {round_idx} device"] = seconds
+        self.record.phase_seconds[f"round {round_idx} device"] = seconds
         self._log(
             f"round {round_idx} device phase [time: {seconds:.2f}s, devices: {len(users)}, rows: {len(rows)}, "
             f"adopted their patch: {int(adopted)}]"
@@ -257,14 +260,15 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
 
     def momodistill(self, round_idx):
         start = time()
-        self.teachers = DeviceTeachers(self.model, cache=self.round_cache)
+        loader = self.round.loader
+        self.round.teachers = DeviceTeachers(self.model, cache=self.round.cache)
         optimizer = self._build_optimizer(params=self.model.backbone.parameters())
         weight = self.config["distill_weight"] if self.config["cloud_method"] == "momodistill" else 0
         for epoch in range(self.config["cloud_epochs"]):
-            loss = distill_cloud_epoch(self.model, self.round_loader, optimizer, self.teachers, weight, self.config)
+            loss = distill_cloud_epoch(self.model, loader, optimizer, self.round.teachers, weight, self.config)
             self._log(f"round {round_idx} momodistill epoch {epoch} [train loss: {loss:.4f}]")
-            self.phase_values["loss/momodistill"] = loss / len(self.round_loader)
-        self.phase_seconds[f"round {round_idx} momodistill"] = time() - start
+            self.phase_values["loss/momodistill"] = loss / len(loader)
+        self.record.phase_seconds[f"round {round_idx} momodistill"] = time() - start
 
     def learn_shared_parameters(self, round_idx):
         start = time()
@@ -272,18 +276,18 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         optimizer = self._build_optimizer(params=params, learning_rate=self.config["shared_learning_rate"])
         cache = self.row_cache()  # of the new W_f, which step 2 keeps fixed
         for epoch in range(self.config["shared_epochs"]):
-            loss = shared_parameters_epoch(self.model, self.round_loader, optimizer, self.teachers, self.config, cache)
+            loss = shared_parameters_epoch(self.model, self.round.loader, optimizer, self.round.teachers, self.config, cache)
             self._log(f"round {round_idx} shared parameters epoch {epoch} [train loss: {loss:.4f}]")
-            self.phase_values["loss/shared"] = loss / len(self.round_loader)
+            self.phase_values["loss/shared"] = loss / len(self.round.loader)
         with torch.no_grad():
             users = torch.arange(len(self.model.metapatch), device=self.device)
             self.model.metapatch.copy_(self.model.encode_metapatch(users))
-        self.phase_seconds[f"round {round_idx} shared"] = time() - start
+        self.record.phase_seconds[f"round {round_idx} shared"] = time() - start
 
     def row_cache(self):
         """A :class:`RowCache` of the round's rows."""
         settings = device_settings(self.config)
-        return RowCache(self.round_loader.dataset, self.device, settings.cache_bytes, settings.chunk_size)
+        return RowCache(self.round.loader.dataset, self.device, settings.cache_bytes, settings.chunk_size)
 
     # Evaluation and bookkeeping --------------------------------------------------------------------------------
 
@@ -317,15 +321,15 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             return scored["cloud"]
         return {key: value for key, value in best["deployed_cloud"].items() if key not in ("round", "phase")}
 
-    def _record(self, round_idx, phase, best=None, changed=None):
+    def _record(self, round_idx, phase, changed=None):
         """Score the views a phase ``changed`` (default: both), log them, and keep the best of each view on valid;
         a view the phase left alone keeps its previous scores. Per-user test values are kept for the best and for
         the latest scores of each view (``deployed_<view>``: what the cloud and the devices run from now on)."""
         entry, scored = {"round": round_idx, "phase": phase}, {}
-        best = best or {}
+        history, best = self.record.history, self.record.best
         for view in self.model.VIEWS:
             if changed is not None and view not in changed:
-                entry[view] = self.history[-1][view]
+                entry[view] = history[-1][view]
                 continue
             if view == "device" and self._device_view_is_cloud():
                 scores = self._cloud_scores(scored, best)
@@ -344,14 +348,13 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
                     best["device_state"] = copy.deepcopy(self.model.state_dict())
         if round_idx == 0:
             best["cloud_only"] = best["cloud"]
-        self.history.append(entry)
-        return best
+        history.append(entry)
 
     def _publish(self, round_idx, phase):
         """The phase's scalars on TensorBoard and Weights & Biases (:mod:`phase_log`), from the main process."""
         if is_main_process(self.config):
-            seconds = self.phase_seconds.get(f"round {round_idx} {phase}")
-            publish_phase(self.tensorboard, self.wandblogger, len(self.history) - 1, self.history[-1], self.phase_values, seconds)
+            history, seconds = self.record.history, self.record.phase_seconds.get(f"round {round_idx} {phase}")
+            publish_phase(self.tensorboard, self.wandblogger, len(history) - 1, history[-1], self.phase_values, seconds)
         self.phase_values = {}
 
     def _better(self, score, best_score):
@@ -374,10 +377,10 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             "deployed_cloud": strip(best["deployed_cloud"]),
             "deployed_device": strip(best["deployed_device"]),
             "selection": selection,
-            "history": self.history,
+            "history": self.record.history,
             "user_groups": self.eval_collector.groups.members(),
             "config": self._settings(),
-            "phase_seconds": self.phase_seconds,
+            "phase_seconds": self.record.phase_seconds,
             "saved_files": self.saved_files,
             **({"cold_start": self.cold_start} if self.cold_start else {}),
         }
@@ -386,7 +389,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         """Which phase ``view`` reports (the best on valid), and in words why: when round 0 won, the best DCCL
         phase and how far below round 0 it scored."""
         metric = self.valid_metric
-        scored = [entry for entry in self.history if entry["round"] > 0]
+        scored = [entry for entry in self.record.history if entry["round"] > 0]
         picked = {"round": chosen["round"], "phase": chosen["phase"], "valid": chosen["score"]}
         where = f"round {chosen['round']} {chosen['phase']}"
         if not scored:

@@ -2,10 +2,10 @@
 run state to one file, and ``resume`` continues from it.
 
 The run state is everything the rest of the run depends on: the model (backbone W_f, Theta, the encoder, every
-user's metapatch buffers), the trainer's optimizer, the round and phase done, the round's teachers (MoMoDistill
-step 2 still needs the device models step 1 learned from), the random number generators (torch, CUDA, numpy,
-python, and the shuffling generator of the round's data loader), and the bookkeeping (history, best-so-far of each
-view with the device view's state, phase_seconds). Each phase builds its own optimizer, so no optimizer state
+user's metapatch buffers), the trainer's optimizer, the round and phase done, the trainer's two state objects whole
+(:mod:`run_state`: the ``RoundState``'s loader generator and teachers, the ``RunRecord``'s history, best-so-far of
+each view with the device view's state, and phase_seconds), and the random number generators (torch, CUDA, numpy,
+python). Each phase builds its own optimizer, so no optimizer state
 crosses a phase boundary. Inside round 0 (RecBole's own ``fit``, hours on a large dataset) it is also RecBole's
 early-stopping state after the last evaluated epoch (:class:`Round0Progress`): the epoch, the best score so far, the
 evaluations without improvement, the best epoch's weights, and the round-0 loader's shuffling generator. A resumed
@@ -31,7 +31,7 @@ from recbole_dccl.distributed import is_main_process
 from recbole_dccl.errors import InputError
 from recbole_dccl.files import load_safe, save_atomic
 from recbole_dccl.trainer.checkpoint import check_identity
-from recbole_dccl.trainer.momodistill import DeviceTeachers
+from recbole_dccl.trainer.run_state import RunRecord
 
 PHASES = ("cloud", "device", "momodistill", "shared")  # round 0 is "cloud"; every later round the other three
 # Settings a resumed run may change: where files go. (How the device phase chunks its rows is not one of them: a
@@ -86,13 +86,10 @@ def save_run_state(path, trainer, round_idx, phase, settings, round_0=None):
         "phase": phase,
         "model": trainer.model.state_dict(),
         "optimizer": trainer.optimizer.state_dict(),
-        "teachers": trainer.teachers.state if phase == "momodistill" else None,
-        "loader_generator": trainer.round_loader.generator.get_state() if round_idx else None,
+        **(trainer.round.state(phase) if round_idx else {"loader_generator": None, "teachers": None}),
         "round_0": round_0.state() if round_0 is not None else None,
         "rng": rng_states(),
-        "history": trainer.history,
-        "best": trainer.best,
-        "phase_seconds": trainer.phase_seconds,
+        **trainer.record.state(),
         "threads": torch.get_num_threads(),
     }
     save_atomic(state, path)
@@ -128,29 +125,21 @@ class ResumedRun:
         """Whether the file's run finished ``phase`` of round ``round_idx``."""
         return (round_idx, PHASES.index(phase)) <= self.done_until
 
-    def restore_bookkeeping(self, trainer):
-        """History, best-so-far and timings: what the report needs even when no phase is left to run."""
-        trainer.history, trainer.best, trainer.phase_seconds = (
-            self.state["history"], self.state["best"], self.state["phase_seconds"]
-        )
+    def record(self):
+        """The :class:`RunRecord` the file's run had: what the report needs even when no phase is left to run."""
+        return RunRecord.from_state(self.state)
 
     def restore_training(self, trainer, round_idx):
         """Model and optimizer as they were when the file was written, before a phase of round ``round_idx``; if that
-        is the file's round, also the round's loader position, teachers and random streams (a later round seeds its
-        own streams at its start). A round 0 cut between epochs is restored by round 0 itself, once its loader is
-        built (:meth:`restore_round_0`)."""
-        if self.round_0:
-            trainer.resumed_round_0 = self
-            return
+        is the file's round, also the :class:`RoundState` (loader position, teachers) and the random streams (a later
+        round seeds its own streams at its start). A round 0 cut between epochs is restored by round 0 itself, once
+        its loader is built (:meth:`restore_round_0`)."""
         state = self.state
         trainer.model.load_state_dict(state["model"])
         trainer.model.eval()  # as the file's run left it: every phase ends with an evaluation
         trainer.optimizer.load_state_dict(state["optimizer"])
         if state["round"] == round_idx:  # else the round's start has seeded the streams, as in the file's run
-            trainer.round_loader.generator.set_state(state["loader_generator"])
-            if state["teachers"] is not None:
-                teachers = {name: value.to(trainer.device) for name, value in state["teachers"].items()}
-                trainer.teachers = DeviceTeachers(trainer.model, teachers, cache=trainer.round_cache)
+            trainer.round.restore(state, trainer.model, trainer.device)
             set_rng_states(state["rng"])
 
     def restore_round_0(self, trainer, loader):
@@ -162,10 +151,7 @@ class ResumedRun:
         trainer.optimizer.load_state_dict(state["optimizer"])
         loader.generator.set_state(progress.loader_generator)
         set_rng_states(state["rng"])
-        stopped = progress.cur_step > trainer.stopping_step  # RecBole's early_stopping had ended fit there
-        trainer.start_epoch = trainer.epochs if stopped else progress.epoch + 1
-        trainer.cur_step, trainer.best_valid_score = progress.cur_step, progress.best_valid_score
-        trainer.best_valid_result = progress.best_valid_result
+        progress.continue_fit(trainer)
         return progress
 
 
@@ -191,6 +177,14 @@ class Round0Progress:
             self.best_weights = {name: value.clone() for name, value in trainer.model.state_dict().items()}
         self.loader_generator = loader.generator.get_state()
         self.seconds = seconds
+
+    def continue_fit(self, trainer):
+        """Put RecBole's early-stopping state back into ``trainer``, so that its ``fit`` goes on after :attr:`epoch`
+        (or stops at once, if early stopping had ended it there)."""
+        stopped = self.cur_step > trainer.stopping_step
+        trainer.start_epoch = trainer.epochs if stopped else self.epoch + 1
+        trainer.cur_step, trainer.best_valid_score = self.cur_step, self.best_valid_score
+        trainer.best_valid_result = self.best_valid_result
 
     def state(self):
         return dict(vars(self))
