@@ -6,13 +6,9 @@ import yaml
 
 from recbole_dccl.negatives import NO_NEGATIVES
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-# Installed, the YAML defaults live in the package; in a source checkout, in the top-level properties/.
-PROPERTIES_DIR = next(
-    path
-    for path in (os.path.join(_PACKAGE_DIR, "properties"), os.path.join(_PACKAGE_DIR, os.pardir, "properties"))
-    if os.path.isfile(os.path.join(path, "model", "DCCL.yaml"))
-)
+# The YAML defaults live in the top-level properties/; recbole_dccl/properties links to it in a checkout, and an
+# install copies it there, so the package reads them at one path either way.
+PROPERTIES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties")
 
 
 def dccl_defaults():
