@@ -114,6 +114,7 @@ SETTING_RULES = {
     "protocol": (lambda v: v in PROTOCOLS, f"one of {list(PROTOCOLS)}"),
     "device_method": (lambda v: v in ("none", "patch", "metapatch"), "one of ['none', 'patch', 'metapatch']"),
     "device_memory": (lambda v: isinstance(v, bool), "True or False"),
+    "memory_gate": (lambda v: isinstance(v, bool), "True or False"),
     "cloud_method": (lambda v: v in ("data", "momodistill"), "one of ['data', 'momodistill']"),
     "rounds": _POSITIVE_INT,
     "fresh_interactions": _POSITIVE_INT,

@@ -65,6 +65,7 @@ def test_ctr_models_get_labeled_time_ordered_evaluation(ctr_config, model, backb
         ("distill_temperature", 0, "a number > 0"),
         ("patch_sites", ["backbone", 3], r"None, a module name \(or regex\) or a list of them"),
         ("device_select", "first", "'best' or 'last'"),
+        ("memory_gate", "yes", "True or False"),
         ("cold_start_ratio", 1.0, r"a number in \[0, 1\)"),
     ],
 )

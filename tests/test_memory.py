@@ -51,8 +51,9 @@ def test_the_memory_reads_what_the_user_did_before_the_row_and_nothing_else(memo
             for item, value in zip(items[0].tolist(), values[0].tolist()) if item
         }
         assert set(read) == set(expected)
+        repeat_share = 1 - len(expected) / len(before) if before else 0.0  # time 12: 11 before, 5 items: 6 returns
         for item, (count, recent) in expected.items():
-            assert read[item] == pytest.approx((1.0, np.log1p(count), np.log1p(recent)), abs=1e-6)
+            assert read[item] == pytest.approx((1.0, np.log1p(count), np.log1p(recent), repeat_share), abs=1e-6)
         assert values[0][items[0] == 0].abs().sum() == 0  # the padding adds nothing
 
 
@@ -101,8 +102,9 @@ def test_the_weights_are_chosen_by_what_the_reduced_rows_score_as_the_full_model
     chunks = [rows[start : start + 7] for start in range(0, 21, 7)]
     with frozen(model):
         scored = RankedRows(model, chunks, "ndcg", 10) if backbone == "GRU4Rec" else LabelledRows(model, chunks)
-        for weights in (torch.zeros(3), torch.tensor([1.0, 0.5, 2.0])):
+        for weights, gate in ((torch.zeros(3), 0.0), (torch.tensor([1.0, 0.5, 2.0]), 0.0), (torch.ones(3), 2.0)):
             model.memory.weights.copy_(weights)
+            model.memory.gate.fill_(gate)
             logits = model(rows, model.metapatch[rows[model.USER_ID]])
             if backbone == "GRU4Rec":  # NDCG@10 of the full scores, the padding item left out as in evaluation
                 logits[:, 0] = -torch.inf
@@ -111,11 +113,12 @@ def test_the_weights_are_chosen_by_what_the_reduced_rows_score_as_the_full_model
                 expected = torch.where(rank < 10, 1 / torch.log2(rank.float() + 2), torch.zeros(())).mean()
             else:
                 expected = -model.objective.loss(logits, rows).mean()
-            assert float(scored(weights)) == pytest.approx(float(expected), abs=1e-6)
+            assert float(scored(weights, torch.tensor(gate))) == pytest.approx(float(expected), abs=1e-6)
     chosen = fit_memory(model, rows, "NDCG@10" if backbone == "GRU4Rec" else "AUC", chunk_size=7, device="cpu")
-    assert torch.equal(model.memory.weights, chosen)
+    assert torch.equal(model.memory.weights, chosen[:-1]) and torch.equal(model.memory.gate, chosen[-1])
     with frozen(model):
-        assert float(scored(chosen)) >= max(float(scored(torch.tensor(point))) for point in ([0.0] * 3, [1.0] * 3))
+        best = float(scored(chosen[:-1], chosen[-1]))
+        assert best >= max(float(scored(torch.full((3,), w), torch.tensor(g))) for w in (0.0, 1.0) for g in (0.0, 1.0))
 
 
 @pytest.mark.parametrize("backbone", ["GRU4Rec", "DeepFM"])
@@ -158,3 +161,23 @@ def test_a_device_computes_the_memorys_fields_as_the_trainer_does(memory_config)
     fields = memory_fields(np.asarray(items)[::-1], np.asarray(times)[::-1], row_times.numpy())  # any order
     assert np.array_equal(fields[ITEMS], expected_items.numpy())
     assert np.allclose(fields[VALUES], expected_values.numpy(), atol=1e-6)
+
+
+def test_the_gate_scales_each_users_memory_by_the_users_repeat_share():
+    from recbole_dccl.model.memory import memory_offsets
+
+    # two rows, two own items each: features (1, log count, log recent), then the row's repeat share
+    values = torch.tensor([[[1.0, 0.5, 0.2, 0.8], [1.0, 0.1, 0.1, 0.8]], [[1.0, 0.7, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    weights = torch.tensor([1.0, 2.0, -1.0])
+    ungated = values[..., :3] @ weights
+    assert torch.equal(memory_offsets(values, weights, torch.tensor(0.0)), ungated)  # 0 ** 0 is 1: no gate
+    gated = memory_offsets(values, weights, torch.tensor(2.0))
+    assert torch.allclose(gated[0], ungated[0] * 0.64) and torch.equal(gated[1], torch.zeros(2))
+
+
+def test_a_model_saved_before_the_gate_loads_with_gate_zero(memory_config):
+    _, _, model, _ = build(memory_config, dataset="hand")
+    state = {key: value for key, value in model.state_dict().items() if key != "memory.gate"}
+    model.memory.gate.fill_(2.0)
+    model.load_state_dict(state)
+    assert float(model.memory.gate) == 0.0

@@ -39,6 +39,7 @@ def exported(config_dict, out):
         model.metapatch.normal_(0, 0.5)
         if model.memory is not None:
             model.memory.weights.copy_(torch.tensor([0.5, 0.3, -0.2]))  # as if fitted
+            model.memory.gate.fill_(0.5)
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm1d):  # statistics as if trained (DIN), not 0 and 1
                 module.running_mean.normal_(0, 0.5)

@@ -12,6 +12,7 @@ from tests.helpers import build
 OTHER_VALUES = {
     "device_method": "patch",
     "device_memory": False,
+    "memory_gate": True,
     "cloud_method": "data",
     "patch_sites": "backbone.dense",
     "metapatch_dim": 64,

@@ -4,12 +4,15 @@ A device holds its user's whole history, the cloud model reads at most its input
 time t the memory takes every interaction of u strictly before t (never the row's own, nor anything later) and
 describes each distinct item of them by :data:`FEATURES`: 1 (the user has it), ``log(1 + count)`` and
 ``log(1 + recency-weighted count)`` (each interaction weighing ``RECENCY_DECAY ** interactions since``). The device
-model adds ``weights . features`` to that item's logit. The three weights are shared by every device, like Theta,
-and fitted once per round on the rows newer than the cloud model (:mod:`~recbole_dccl.trainer.memory_fit`); what
-is personal is the history they weigh. Zero weights add nothing: the plain device view. The cloud never runs it.
+model adds ``(weights . features) * repeat_share ** gate`` to that item's logit, where ``repeat_share`` is the share
+of the user's interactions before the row that returned to an item the user already had: a user who explores gets
+a smaller memory (``gate`` 0: every user the same). The three weights and the gate are shared by every device,
+like Theta, and fitted once per round on the rows newer than the cloud model
+(:mod:`~recbole_dccl.trainer.memory_fit`); what is personal is the history they weigh. Zero weights add nothing:
+the plain device view. The cloud never runs it.
 
 The features travel as two fields of the batch, :data:`ITEMS` ``[B, L]`` (0-padded) and :data:`VALUES`
-``[B, L, len(FEATURES)]``: computed here from :class:`Histories` when a batch lacks them, supplied by the device
+``[B, L, len(FEATURES) + 1]`` (the row's ``repeat_share`` last): computed here from :class:`Histories` when a batch lacks them, supplied by the device
 itself where an exported model runs (:func:`dccl_device.memory.memory_fields`, numpy only).
 """
 
@@ -49,8 +52,8 @@ class Histories:
         self.starts = torch.searchsorted(self.keys, torch.arange(n_users, dtype=torch.int64) * self.slots)
 
     def features(self, users, times, n_items):
-        """``(items [B, L], values [B, L, len(FEATURES)])`` of the history before each row (``users``, ``times``:
-        ``[B]``), one column per distinct item, 0-padded (item 0, all features 0)."""
+        """``(items [B, L], values [B, L, len(FEATURES) + 1])`` of the history before each row (``users``,
+        ``times``: ``[B]``), one column per distinct item, 0-padded (item 0, all values 0)."""
         users = users.long().cpu()
         ranks = torch.from_numpy(np.searchsorted(self.times, times.cpu().double().numpy()))
         starts = self.starts[users]
@@ -68,15 +71,17 @@ class Histories:
         width = max(int(per_row.max()) if len(users) else 0, 1)
         column = torch.arange(len(pairs)) - (torch.cumsum(per_row, 0) - per_row)[pair_rows]
         items = torch.zeros(len(users), width, dtype=torch.long)
-        values = torch.zeros(len(users), width, len(FEATURES))
+        repeat_share = torch.where(lengths > 0, 1 - per_row.double() / lengths.clamp(min=1).double(), 0.0)
+        values = torch.zeros(len(users), width, len(FEATURES) + 1)
         items[pair_rows, column] = pair_items
-        values[pair_rows, column] = torch.stack([torch.ones_like(count), count.log1p(), recent.log1p()], 1).float()
+        features = [torch.ones_like(count), count.log1p(), recent.log1p(), repeat_share[pair_rows]]
+        values[pair_rows, column] = torch.stack(features, 1).float()
         return items, values
 
 
 class PersonalMemory(nn.Module):
-    """The memory of a DCCL model: its shared ``weights`` (a buffer, set by the fit), where its fields come from
-    (:class:`Histories`) and how they change the logits."""
+    """The memory of a DCCL model: its shared ``weights`` and ``gate`` (buffers, set by the fit), where its fields
+    come from (:class:`Histories`) and how they change the logits."""
 
     def __init__(self, dataset):
         super().__init__()
@@ -84,6 +89,12 @@ class PersonalMemory(nn.Module):
         self.n_items = dataset.item_num
         self.histories = Histories([dataset])
         self.register_buffer("weights", torch.zeros(len(FEATURES)))
+        self.register_buffer("gate", torch.zeros(()))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A model saved before the gate existed scored every user's memory alike: gate 0.
+        state_dict.setdefault(prefix + "gate", torch.zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def hold(self, datasets):
         """Read the histories from ``datasets`` (the run's training split first, then its evaluation splits)."""
@@ -99,15 +110,22 @@ class PersonalMemory(nn.Module):
         device = fields[self.uid_field].device
         fields[ITEMS], fields[VALUES] = items.to(device), values.to(device)
 
-    def add(self, logits, interaction, weights=None):
-        """``logits`` with each row's own items raised by ``weights . features`` (default: the shared weights): over
-        all items (``[B, n_items]``), or for the row's own item (``[B]``, one logit per row). ``interaction[ITEMS]``
-        names the columns of ``logits`` to raise."""
+    def add(self, logits, interaction, weights=None, gate=None):
+        """``logits`` with each row's own items raised by :func:`offsets` (default: the shared weights and gate):
+        over all items (``[B, n_items]``), or for the row's own item (``[B]``, one logit per row).
+        ``interaction[ITEMS]`` names the columns of ``logits`` to raise."""
         weights = self.weights if weights is None else weights
+        gate = self.gate if gate is None else gate
         items = interaction[ITEMS]
-        offsets = interaction[VALUES] @ weights  # [B, L]
+        offsets = memory_offsets(interaction[VALUES], weights, gate)  # [B, L]
         if logits.dim() == 2:
             # Onto zeros, then added: ONNX Runtime's gradient of a scatter's input zeroes the scattered places
             # (right for an overwriting scatter, wrong for an adding one), which would stop the patch's gradient there.
             return logits + torch.zeros_like(logits).scatter_add(1, items, offsets)
         return logits + (offsets * (items == interaction[self.iid_field][:, None])).sum(1)
+
+
+def memory_offsets(values, weights, gate):
+    """What the memory adds to each own item's logit: ``(weights . features) * repeat_share ** gate`` (``values``:
+    ``[..., len(FEATURES) + 1]``, the row's repeat share last; ``0 ** 0`` is 1, so gate 0 scales nothing)."""
+    return (values[..., :-1] @ weights) * values[..., -1] ** gate

@@ -231,11 +231,11 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         settings = device_settings(self.config)
         memory_values = {}
         if self.model.memory is not None:
-            weights = fit_memory(self.model, self.round.loader.dataset, self.config["valid_metric"],
-                                 settings.chunk_size, self.device)
-            memory_values = {f"memory/{name}": value for name, value in zip(FEATURES, weights.tolist())}
+            fitted = fit_memory(self.model, self.round.loader.dataset, self.config["valid_metric"],
+                                settings.chunk_size, self.device, gated=self.config["memory_gate"])
+            memory_values = {f"memory/{name}": value for name, value in zip((*FEATURES, "gate"), fitted.tolist())}
             self._log(f"round {round_idx} personal memory chosen on the round's {len(self.round.loader.dataset)} rows: "
-                      f"weights {', '.join(f'{name} {value:.3f}' for name, value in zip(FEATURES, weights.tolist()))}")
+                      f"{', '.join(f'{name} {value:.3f}' for name, value in memory_values.items())}")
         local = LocalData.from_rows(rows, settings.valid_size, self.device, share=user_share(self.config))
         start_metapatch = self.model.metapatch[local.users]
         # The outputs it computes are kept for MoMoDistill's teachers when the devices hold just the round's rows

@@ -15,8 +15,9 @@ probability of a target the user never had, which top-K ranking does not, and th
 weights of lowest validation cross-entropy (own 1.07, log-count -0.32, log-recent -0.22: 5.03 against the cloud's
 5.07) scored NDCG@10 0.3849, below the cloud model, and weights 1, 1, 1 (cross-entropy 6.23) scored 0.4293.
 
-How: every combination of :data:`GRID` for the three weights, under each user's current metapatch, on all of the
-round's rows at once; the best one (the first of equals, so zero weights where nothing helps). Each row is first
+How: every combination of :data:`GRID` for the three weights and :data:`GATES` for the gate (``memory_gate``;
+else gate 0), under each user's current metapatch, on all of the round's rows at once; the best one (the first of equals, so zero weights and gate 0
+where nothing helps). Each row is first
 reduced to what the weights can change: the logits of the user's own items, the target's logit, and the K highest
 logits of the other items (all a top-K rank needs), or a CTR row's own logit. In a deployment each device would
 score the candidates on its new rows and send their sums.
@@ -27,27 +28,32 @@ import re
 import torch
 
 from recbole_dccl.model.frozen import frozen
-from recbole_dccl.model.memory import FEATURES, ITEMS, VALUES
+from recbole_dccl.model.memory import FEATURES, ITEMS, VALUES, memory_offsets
 from recbole_dccl.model.objectives import NextItemObjective
 
 GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # each weight's candidates (logits per unit of its feature)
+GATES = (0.0, 0.5, 1.0, 2.0)  # the gate's: the memory scales with repeat_share ** gate
 RANKING_METRICS = ("ndcg", "hit", "recall", "mrr", "precision")
 
 
-def fit_memory(model, rows, valid_metric, chunk_size, device):
-    """Set ``model.memory.weights`` to the best of the grid on ``rows`` (a RecBole dataset) by ``valid_metric``;
-    returns them."""
+def fit_memory(model, rows, valid_metric, chunk_size, device, gated=True):
+    """Set ``model.memory.weights`` and ``gate`` to the best of the grid on ``rows`` (a RecBole dataset) by
+    ``valid_metric`` (not ``gated``: gate 0); returns them as one vector (the weights, then the gate)."""
     memory = model.memory
     memory.weights.zero_()
+    memory.gate.zero_()
     ranking = re.fullmatch(rf"({'|'.join(RANKING_METRICS)})@(\d+)", valid_metric.lower())
     ranking = ranking if isinstance(model.objective, NextItemObjective) else None  # CTR rows are scored one by one
     with frozen(model):
         chunks = [rows[start : start + chunk_size].to(device) for start in range(0, len(rows), chunk_size)]
         score = (RankedRows(model, chunks, ranking[1], int(ranking[2])) if ranking else LabelledRows(model, chunks))
-        candidates = torch.cartesian_prod(*[torch.tensor(GRID)] * len(FEATURES)).to(memory.weights)
-        values = torch.stack([score(weights) for weights in candidates])
-    memory.weights.copy_(candidates[int(torch.argmax(values))])  # the first of equals: all zeros first
-    return memory.weights
+        grids = [torch.tensor(GRID)] * len(FEATURES) + [torch.tensor(GATES if gated else GATES[:1])]
+        candidates = torch.cartesian_prod(*grids).to(memory.weights)
+        values = torch.stack([score(point[:-1], point[-1]) for point in candidates])
+    best = candidates[int(torch.argmax(values))]  # the first of equals: all zeros first
+    memory.weights.copy_(best[:-1])
+    memory.gate.copy_(best[-1])
+    return best
 
 
 def base_logits(model, interaction):
@@ -57,7 +63,8 @@ def base_logits(model, interaction):
 
 
 class RankedRows:
-    """Sequential rows reduced to what a top-``k`` ranking metric needs; ``rows(weights)`` is the metric's mean."""
+    """Sequential rows reduced to what a top-``k`` ranking metric needs; ``rows(weights, gate)`` is the metric's
+    mean."""
 
     def __init__(self, model, chunks, metric, k):
         self.metric, self.k = metric, k
@@ -83,8 +90,8 @@ class RankedRows:
         top = others.topk(min(self.k, others.shape[1]), dim=1).values
         return logits.gather(1, items).masked_fill(~has, -torch.inf), values, target_column, target_logit, top
 
-    def __call__(self, weights):
-        own = self.own + self.values @ weights
+    def __call__(self, weights, gate):
+        own = self.own + memory_offsets(self.values, weights, gate)
         is_own = self.target_column >= 0
         target = torch.where(is_own, own.gather(1, self.target_column.clamp(min=0)[:, None]).squeeze(1), self.target_logit)
         rank = (own > target[:, None]).sum(1) + (self.others > target[:, None]).sum(1)
@@ -97,16 +104,16 @@ class RankedRows:
 
 
 class LabelledRows:
-    """CTR rows: each row's logit and memory fields; ``rows(weights)`` is minus the mean loss."""
+    """CTR rows: each row's logit and memory fields; ``rows(weights, gate)`` is minus the mean loss."""
 
     def __init__(self, model, chunks):
         self.model = model
         with torch.no_grad():
             self.parts = [(base_logits(model, chunk), chunk) for chunk in chunks]
 
-    def __call__(self, weights):
+    def __call__(self, weights, gate):
         memory, objective = self.model.memory, self.model.objective
-        losses = [objective.loss(memory.add(logits, chunk, weights), chunk) for logits, chunk in self.parts]
+        losses = [objective.loss(memory.add(logits, chunk, weights, gate), chunk) for logits, chunk in self.parts]
         return -torch.cat(losses).mean()
 
 
