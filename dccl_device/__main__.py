@@ -23,7 +23,9 @@ if __name__ == "__main__":
 
 from dccl_device.files import load_arrays, save_arrays
 from dccl_device.scoring import Scorer
+from dccl_device.settings import DeviceSettings
 from dccl_device.training import data_fields, read_settings, train_metapatch
+from dccl_device.upload import encode, upload_bytes
 
 
 def peak_rss_bytes():
@@ -47,11 +49,17 @@ def score(args):
 def train(args):
     started = time.perf_counter()
     start = load_arrays(args.metapatch, ["metapatch"])["metapatch"]
-    data = load_arrays(args.data, data_fields(read_settings(args.artifacts)))
+    settings = read_settings(args.artifacts)
+    data = load_arrays(args.data, data_fields(settings))
     result = train_metapatch(args.artifacts, start, data, seed=args.seed)
     save_arrays(args.out, {"metapatch": result.metapatch})
-    return {"adopted": result.adopted, "valid_loss_cloud": result.valid_loss_cloud,
-            "valid_loss_kept": result.valid_loss_kept, "run_seconds": time.perf_counter() - started}
+    report = {"adopted": result.adopted, "valid_loss_cloud": result.valid_loss_cloud,
+              "valid_loss_kept": result.valid_loss_kept, "run_seconds": time.perf_counter() - started}
+    if args.upload:
+        dtype = DeviceSettings.from_device_part(settings["device"]).upload_dtype
+        save_arrays(args.upload, encode(result.metapatch[None], dtype))
+        report.update(upload_dtype=dtype, upload_bytes=upload_bytes(len(result.metapatch), dtype))
+    return report
 
 
 def main(argv=None):
@@ -65,6 +73,8 @@ def main(argv=None):
     training.add_argument("--artifacts", required=True, help="the device_training folder")
     training.add_argument("--out", required=True, help="write the metapatch the device keeps here (.npz)")
     training.add_argument("--seed", type=int, default=0, help="seed of the random order of the rows")
+    training.add_argument("--upload", help="also write what the device sends the cloud here (.npz: 'values', and "
+                          "'scale' for int8), in the artifacts' upload_dtype (dccl_device.upload)")
     for command in (scoring, training):
         command.add_argument("--metapatch", required=True, help="the user's metapatch file (.npz, array 'metapatch')")
         command.add_argument("--data", required=True, help="the user's local data (.npz, one array per field)")

@@ -9,6 +9,8 @@ real one train alike. Standard library only: a device has no torch.
 
 from dataclasses import asdict, dataclass, fields
 
+from dccl_device.upload import UPLOAD_DTYPES
+
 
 def _integer(value):
     return isinstance(value, int) and not isinstance(value, bool)
@@ -28,6 +30,7 @@ RULES = {
     "device_l2": ("l2", lambda v: _number(v) and v >= 0, "a number >= 0"),
     "device_chunk_size": ("chunk_size", lambda v: _integer(v) and v > 0, "a positive integer"),
     "device_cache_mb": ("cache_bytes", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "upload_dtype": ("upload_dtype", lambda v: v in UPLOAD_DTYPES, f"one of {list(UPLOAD_DTYPES)}"),
 }
 SIMULATION = ("chunk_size", "cache_bytes", "show_progress")  # how the cloud runs all devices at once; no device's
 
@@ -40,6 +43,7 @@ class DeviceSettings:
     valid_size: int  # newest interactions held out for the guard (0: no guard, every device keeps what it trained)
     select: str  # 'best': the best of the start and every epoch's metapatch on them; 'last': the final one alone
     l2: float  # weight of |metapatch - start|^2 in the loss
+    upload_dtype: str = "float32"  # how the metapatch travels to the cloud (dccl_device.upload)
     rows_per_interaction: int = 1  # a positive and its fixed negatives, on implicit data
     chunk_size: int = 1024  # rows per forward pass when all devices train at once
     cache_bytes: int = 0  # memory for the lowest patch site's outputs, computed once per round (0: none)

@@ -21,6 +21,7 @@ from recbole_dccl.defaults import PROPERTIES_DIR, dccl_defaults
 from recbole_dccl.distributed import init_process_group
 from recbole_dccl.errors import InputError
 from recbole_dccl.model.families import family_of
+from recbole_dccl.fleet import rdp_accountant
 from recbole_dccl.rounds import PROTOCOLS
 from recbole_dccl.utils import get_model
 
@@ -97,6 +98,7 @@ _NON_NEGATIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) an
 _POSITIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")
 _NON_NEGATIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0")
 _NO_DISTRIBUTION = (None, "none", "None")
+_NUMBER = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
 SETTING_RULES = {
     # RecBole's own keys, as round 0 uses them
     "epochs": _POSITIVE_INT,
@@ -136,6 +138,13 @@ SETTING_RULES = {
     "encoder_embedding_size": _POSITIVE_INT,
     "encoder_hidden_size": _POSITIVE_INT,
     "resume": (lambda v: v is None or (isinstance(v, str) and os.path.exists(v)), "None or an existing run-state file or folder"),
+    # the fleet (recbole_dccl/fleet.py); upload_dtype: DeviceSettings
+    "device_participation": (lambda v: _NUMBER(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "device_dropout": (lambda v: _NUMBER(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "stale_teachers": (lambda v: isinstance(v, bool), "True or False"),
+    "dp_clip": (lambda v: v is None or (_NUMBER(v) and v > 0), "None or a number > 0"),
+    "dp_noise_multiplier": _NON_NEGATIVE,
+    "dp_delta": (lambda v: _NUMBER(v) and 0 < v < 1, "a number in (0, 1)"),
 }
 
 
@@ -156,6 +165,11 @@ def validate_dccl_settings(settings):
         DeviceSettings.from_config(settings)
     except ValueError as error:
         raise InputError(str(error)) from None
+    if settings.get("dp_noise_multiplier"):
+        if settings.get("dp_clip") is None:
+            raise InputError(f"dp_noise_multiplier: [{settings['dp_noise_multiplier']!r}] needs dp_clip, the norm the "
+                             "noise is scaled to; set dp_clip to a number > 0.")
+        rdp_accountant()  # the privacy extra is installed
     if settings.get("result_file"):
         folder = os.path.dirname(os.path.abspath(settings["result_file"]))
         try:

@@ -18,6 +18,7 @@ from torch.utils.data.distributed import DistributedSampler
 from recbole_dccl.distributed import launch, padded_samples
 from tests.conftest import TINY_SETTINGS, write_dataset
 from tests.helpers import device_phase_metapatch, evaluate_test_data
+from tests.test_fleet import REALISTIC_FLEET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "run_recbole_dccl.py")
@@ -104,8 +105,9 @@ def test_the_padding_is_what_follows_a_ranks_own_samples(samples, world_size):
         assert kept == list(range(rank, samples, world_size))
 
 
-def test_device_phase_on_two_processes_gives_the_metapatches_of_one(tiny_config, tmp_path):
-    settings = {**tiny_config, "gpu_id": ""}
+@pytest.mark.parametrize("fleet", [{}, REALISTIC_FLEET], ids=["whole", "realistic"])
+def test_device_phase_on_two_processes_gives_the_metapatches_of_one(tiny_config, tmp_path, fleet):
+    settings = {**tiny_config, "gpu_id": "", **fleet}
     one = device_phase_metapatch(settings)
     kwargs = {"config_dict": settings, "out_dir": str(tmp_path)}
     launch(device_phase_metapatch, kwargs, nproc=2, ip="127.0.0.1", port=free_port())

@@ -19,6 +19,7 @@ pytest.importorskip("onnxruntime.training", reason="the 'device' extra is not in
 from dccl_device.files import load_arrays  # noqa: E402
 from dccl_device.scoring import Scorer  # noqa: E402
 from dccl_device.training import OnDeviceTraining, train_metapatch  # noqa: E402
+from dccl_device.upload import encode  # noqa: E402
 from recbole_dccl.export import export, user_file  # noqa: E402
 from recbole_dccl.rounds import RoundSchedule  # noqa: E402
 from recbole_dccl.trainer.device_phase import LocalData, device_settings, personalise  # noqa: E402
@@ -123,12 +124,13 @@ def run_on_device(command, folder):
 
 def test_device_command_line_runs_without_torch(tiny_config, tmp_path):
     out = str(tmp_path / "export")
-    _, train_data, _, _, _ = exported(tiny_config, out)
+    _, train_data, _, _, _ = exported({**tiny_config, "upload_dtype": "int8"}, out)
     token = train_data.dataset.id2token("user_id", [1])[0]
     metapatch, data = (user_file(os.path.join(out, folder), token) for folder in ("metapatch", "local_data"))
     commands = [
         ["score", f"--model={out}/device_model.onnx", f"--metapatch={metapatch}", f"--data={data}", "--out=scores.npz"],
-        ["train", f"--artifacts={out}/device_training", f"--metapatch={metapatch}", f"--data={data}", "--out=kept.npz"],
+        ["train", f"--artifacts={out}/device_training", f"--metapatch={metapatch}", f"--data={data}", "--out=kept.npz",
+         "--upload=upload.npz"],
     ]
     for command in commands:
         done = run_on_device(command, tmp_path)
@@ -146,3 +148,8 @@ def test_device_command_line_runs_without_torch(tiny_config, tmp_path):
     assert np.array_equal(load_arrays(str(tmp_path / "scores.npz"))["scores"], scores)
     trained = train_metapatch(os.path.join(out, "device_training"), start, arrays)
     assert np.array_equal(load_arrays(str(tmp_path / "kept.npz"))["metapatch"], trained.metapatch)
+    # What it sends the cloud: the format the export's settings name, as the simulated fleet encodes it.
+    sent = load_arrays(str(tmp_path / "upload.npz"))
+    expected = encode(trained.metapatch[None], "int8")
+    assert sent.keys() == expected.keys() and all(np.array_equal(sent[key], expected[key]) for key in expected)
+    assert report["upload_dtype"] == "int8" and report["upload_bytes"] == len(trained.metapatch) + 4

@@ -22,6 +22,7 @@ from recbole_dccl.trainer import device_phase
 from recbole_dccl.trainer.checkpoint import READINGS, reading_files
 from recbole_dccl.trainer.resume import ResumedRun, run_state_file, run_state_files, save_run_state
 from tests.helpers import build
+from tests.test_fleet import REALISTIC_FLEET
 
 RUN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_recbole_dccl.py")
 MID_ROUND = ("device", "momodistill")
@@ -85,17 +86,18 @@ class Crash(Exception):
 
 
 @pytest.mark.parametrize(
-    "device_method,crashing_phase",
-    [("metapatch", "learn_shared_parameters"), ("metapatch", "momodistill"), ("none", "momodistill")],
+    "device_method,crashing_phase,fleet",
+    [("metapatch", "learn_shared_parameters", {}), ("metapatch", "momodistill", {}), ("none", "momodistill", {}),
+     ("metapatch", "learn_shared_parameters", REALISTIC_FLEET)],
 )
-def test_run_resumed_after_a_crash_equals_the_uninterrupted_run(tiny_config, device_method, crashing_phase):
+def test_run_resumed_after_a_crash_equals_the_uninterrupted_run(tiny_config, device_method, crashing_phase, fleet):
     """In one process, quicker than the kill test: a crash in round 2 resumes from the phase before it, in the same
     round (the loader position and the teachers are restored, the device phase's site outputs computed as it
     computed them) or, without device phases, in round 1."""
     # A round's 90 rows (30 users, 3 fresh interactions each) in two batches, so the order the round's loader
     # shuffles them in matters, the second of one row: a one-row matmul rounds differently from the device phase's
     # 90-row chunk, so teachers that recomputed their inputs batch by batch after a resume would drift (they did).
-    settings = {**tiny_config, "rounds": 2, "device_method": device_method, "train_batch_size": 89}
+    settings = {**tiny_config, "rounds": 2, "device_method": device_method, "train_batch_size": 89, **fleet}
     _, (train_data, valid_data, test_data), _, reference = build(settings)
     reference.fit(train_data, valid_data, saved=True, test_data=test_data)
     assert len(reference.round.loader.dataset) == 90

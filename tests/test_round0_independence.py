@@ -13,6 +13,13 @@ OTHER_VALUES = {
     "device_method": "patch",
     "device_memory": False,
     "memory_gate": True,
+    "device_participation": 0.5,
+    "device_dropout": 0.3,
+    "stale_teachers": True,
+    "upload_dtype": "int8",
+    "dp_clip": 1.0,
+    "dp_noise_multiplier": 0.5,
+    "dp_delta": 1e-6,
     "cloud_method": "data",
     "patch_sites": "backbone.dense",
     "metapatch_dim": 64,
@@ -35,6 +42,7 @@ OTHER_VALUES = {
     "encoder_embedding_size": 8,
     "encoder_hidden_size": 16,
 }
+NEEDS = {"dp_noise_multiplier": {"dp_clip": 1.0}}  # a key whose other value is valid only with another's
 ROUND_0_KEYS = ("backbone", "protocol", "fresh_interactions", "rounds", "cold_start_ratio")
 FILE_KEYS = ("cloud_checkpoint", "resume", "result_file")
 
@@ -52,7 +60,7 @@ def test_every_device_side_key_is_covered():
 def test_round_0_starts_from_the_same_backbone_and_random_stream_for_every_device_side_key(tiny_config):
     weights, stream = backbone_and_stream(tiny_config)
     for key, value in {**OTHER_VALUES, "device_method": "none"}.items():
-        other_weights, other_stream = backbone_and_stream({**tiny_config, key: value})
+        other_weights, other_stream = backbone_and_stream({**tiny_config, key: value, **NEEDS.get(key, {})})
         assert torch.equal(other_stream, stream), key
         assert other_weights.keys() == weights.keys(), key
         assert all(torch.equal(other_weights[name], weights[name]) for name in weights), key

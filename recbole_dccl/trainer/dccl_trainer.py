@@ -17,6 +17,7 @@ from recbole_dccl.distributed import (
 from recbole_dccl.errors import NonFiniteLoss
 from recbole_dccl.evaluation import UserGroupEvaluationMixin
 from recbole_dccl.files import load_safe, save_atomic
+from recbole_dccl.fleet import FleetSettings, PrivacyAccount, RoundFleet
 from recbole_dccl.model.memory import FEATURES
 from recbole_dccl.trainer.checkpoint import SafeCheckpointMixin, check_identity, plain, reading_files
 from recbole_dccl.trainer.cold_start import COLD_GROUP, cold_start_report, cold_start_table
@@ -35,6 +36,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self.optimizer = self._build_optimizer(params=self.model.backbone.parameters())
         # device_method none: no device phase and no step 2; the device view is the cloud view.
         self.has_devices = config["device_method"] != "none"
+        self.fleet_settings = FleetSettings.from_config(config)
         self.record = RunRecord()
         self.round = None  # the RoundState of the round being run
         self.phase_values = {}  # what the phase being run measured, for phase_log
@@ -113,7 +115,8 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         init_seed(self.config["seed"] + self.config["local_rank"] + round_idx, self.config["reproducibility"])
         rows = schedule.training_rows(schedule.device_rows(round_idx), round_idx)
         self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
-        self.round = RoundState(rows.loader(self.config), None)
+        fleet = RoundFleet(self.fleet_settings, len(self.model.metapatch), self.config["seed"], round_idx)
+        self.round = RoundState(rows.loader(self.config), None, fleet)
         self.round.cache = self.row_cache()
         return rows
 
@@ -237,6 +240,9 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             self._log(f"round {round_idx} personal memory chosen on the round's {len(self.round.loader.dataset)} rows: "
                       f"{', '.join(f'{name} {value:.3f}' for name, value in memory_values.items())}")
         local = LocalData.from_rows(rows, settings.valid_size, self.device, share=user_share(self.config))
+        fleet = self.round.fleet
+        if not self.fleet_settings.whole:  # the devices sampled this round train; the others keep their metapatch
+            local, _ = local.subset(torch.nonzero(fleet.sampled.to(self.device)[local.users]).squeeze(1))
         start_metapatch = self.model.metapatch[local.users]
         # The outputs it computes are kept for MoMoDistill's teachers when the devices hold just the round's rows
         # (the rows they hold always include those: only their number tells the two apart).
@@ -244,24 +250,27 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         keep = cache if cache is not None and len(cache.data) == len(rows) else None
         result = personalise(self.model, local, start_metapatch, settings, self.config["seed"] + round_idx, keep=keep)
         users, metapatch = gather_user_rows(self.config, local.users, result.metapatch, len(self.model.metapatch))
+        uploaded = fleet.uploaded.to(self.device)[users]
+        received = fleet.receive(users[uploaded], metapatch[uploaded], self.model.metapatch[users][uploaded])
         self.model.metapatch[users] = metapatch
-        self.model.uploaded_metapatch[users] = metapatch
+        self.model.uploaded_metapatch[users[uploaded]] = received
         adopted = sum_over_ranks(self.config, int(result.adopted.sum()))
         trained = result.train_loss.isfinite()
         n_trained = sum_over_ranks(self.config, int(trained.sum()))
         loss = sum_over_ranks(self.config, float(result.train_loss[trained].sum())) / n_trained if n_trained else float("nan")
-        self.phase_values = {"loss/device": loss, "adopted_share": adopted / len(users), **memory_values}
+        self.phase_values = {"loss/device": loss, "adopted_share": adopted / max(len(users), 1), **memory_values,
+                             **self._fleet_values(round_idx)}
         seconds = time() - start
         self.record.phase_seconds[f"round {round_idx} device"] = seconds
         self._log(
             f"round {round_idx} device phase [time: {seconds:.2f}s, devices: {len(users)}, rows: {len(rows)}, "
-            f"adopted their patch: {int(adopted)}]"
+            f"adopted their patch: {int(adopted)}, uploads received: {int(uploaded.sum())}]"
         )
 
     def momodistill(self, round_idx):
         start = time()
         loader = self.round.loader
-        self.round.teachers = DeviceTeachers(self.model, cache=self.round.cache)
+        self.round.teachers = DeviceTeachers(self.model, cache=self.round.cache, teaching=self.round.fleet.teaching)
         optimizer = self._build_optimizer(params=self.model.backbone.parameters())
         weight = self.config["distill_weight"] if self.config["cloud_method"] == "momodistill" else 0
         for epoch in range(self.config["cloud_epochs"]):
@@ -281,7 +290,9 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             self.phase_values["loss/shared"] = loss / len(self.round.loader)
         with torch.no_grad():
             users = torch.arange(len(self.model.metapatch), device=self.device)
-            self.model.metapatch.copy_(self.model.encode_metapatch(users))
+            if not self.fleet_settings.whole:  # only the devices sampled this round receive their new metapatch
+                users = users[self.round.fleet.sampled.to(self.device)]
+            self.model.metapatch[users] = self.model.encode_metapatch(users)
         self.record.phase_seconds[f"round {round_idx} shared"] = time() - start
 
     def row_cache(self):
@@ -382,8 +393,29 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             "config": self._settings(),
             "phase_seconds": self.record.phase_seconds,
             "saved_files": self.saved_files,
+            **({"fleet": self._fleet_report()} if self.has_devices else {}),
             **({"cold_start": self.cold_start} if self.cold_start else {}),
         }
+
+    def _fleet_report(self):
+        """Per round: devices sampled, uploads received, bytes sent, and with DP noise the epsilon after it."""
+        return [self._fleet_round(round_idx) for round_idx in range(1, self.config["rounds"] + 1)]
+
+    def _fleet_round(self, round_idx):
+        settings = self.fleet_settings
+        fleet = RoundFleet(settings, len(self.model.metapatch), self.config["seed"], round_idx)
+        summary = fleet.summary(self.model.metapatch.shape[1])
+        if settings.dp_noise_multiplier:
+            summary.update(epsilon=PrivacyAccount(settings).epsilon(round_idx), delta=settings.dp_delta)
+        return summary
+
+    def _fleet_values(self, round_idx):
+        """The round's fleet for the log line of the device phase and TensorBoard."""
+        summary = self._fleet_round(round_idx)
+        if not self.fleet_settings.whole or self.fleet_settings.dp_clip is not None:
+            self._log(f"round {round_idx} fleet: " + ", ".join(f"{key} {value}" for key, value in summary.items()
+                                                               if key != "round"))
+        return {f"fleet/{key}": value for key, value in summary.items() if key != "round"}
 
     def _selection(self, view, chosen):
         """Which phase ``view`` reports (the best on valid), and in words why: when round 0 won, the best DCCL

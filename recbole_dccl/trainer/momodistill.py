@@ -27,10 +27,12 @@ from recbole_dccl.trainer.site_cache import cached_forward
 class DeviceTeachers:
     """The round's device models (backbone, Theta and uploaded metapatches as they are now, or as ``state``
     holds them when a run resumes), frozen; ``cache``: the lowest site's outputs of the round's rows under this
-    backbone (a :class:`RowCache`, filled by the device phase or at the teachers' first batch)."""
+    backbone (a :class:`RowCache`, filled by the device phase or at the teachers' first batch); ``teaching``:
+    which users' devices teach (``[n_users]`` bool; ``None``: all), the others' rows get no distillation term."""
 
-    def __init__(self, model, state=None, cache=None):
+    def __init__(self, model, state=None, cache=None, teaching=None):
         self.model, self.cache = model, cache
+        self.teaching = None if teaching is None else teaching.to(model.metapatch.device)
         state = model.state_dict() if state is None else state
         self.state = {name: value.detach().clone() for name, value in state.items()}
 
@@ -45,6 +47,14 @@ class DeviceTeachers:
         finally:  # each module's own mode: step 2 keeps the backbone in eval mode inside a training model
             for module, training in modes:
                 module.training = training
+
+
+    def mean(self, values, interaction):
+        """The mean of the per-row distillation ``values`` over the rows whose device teaches."""
+        if self.teaching is None:
+            return values.mean()
+        teaches = self.teaching[interaction[self.model.USER_ID]].to(values.dtype)
+        return (values * teaches).sum() / teaches.sum().clamp(min=1)
 
 
 def _run_epoch(model, loader, optimizer, loss_fn, config, description):
@@ -74,7 +84,7 @@ def distill_cloud_epoch(model, loader, optimizer, teachers, weight, config):
         logits = cloud(interaction)
         loss = objective.loss(logits, interaction).mean()
         if weight:
-            loss = loss + weight * objective.distill(logits, teachers.logits(interaction), temperature).mean()
+            loss = loss + weight * teachers.mean(objective.distill(logits, teachers.logits(interaction), temperature), interaction)
         return loss
 
     model.train()
@@ -92,7 +102,7 @@ def shared_parameters_epoch(model, loader, optimizer, teachers, config, cache=No
     def loss_fn(interaction):
         metapatch = model.encode_metapatch(interaction[model.USER_ID])
         logits = cached_forward(model, cache, interaction, lambda: proxy(interaction, metapatch))
-        loss = objective.distill(logits, teachers.logits(interaction), temperature).mean()
+        loss = teachers.mean(objective.distill(logits, teachers.logits(interaction), temperature), interaction)
         if ce_weight:
             loss = loss + ce_weight * objective.loss(logits, interaction).mean()
         return loss

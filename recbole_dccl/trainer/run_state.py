@@ -26,11 +26,12 @@ class RunRecord:
 
 class RoundState:
     """The round being run: the ``loader`` of the rows the devices hold (which the cloud then takes in), the
-    :class:`RowCache` of those rows, and, once MoMoDistill step 1 has built them, the round's ``teachers`` (step 2
-    still needs the device models step 1 learned from)."""
+    :class:`RowCache` of those rows, the round's ``fleet`` (:class:`~recbole_dccl.fleet.RoundFleet`: which devices
+    train and upload, drawn from the seed and the round, so never saved), and, once MoMoDistill step 1 has built
+    them, the round's ``teachers`` (step 2 still needs the device models step 1 learned from)."""
 
-    def __init__(self, loader, cache):
-        self.loader, self.cache = loader, cache
+    def __init__(self, loader, cache, fleet):
+        self.loader, self.cache, self.fleet = loader, cache, fleet
         self.teachers = None
 
     def state(self, phase):
@@ -45,4 +46,4 @@ class RoundState:
         self.loader.generator.set_state(state["loader_generator"])
         if state["teachers"] is not None:
             teachers = {name: value.to(device) for name, value in state["teachers"].items()}
-            self.teachers = DeviceTeachers(model, teachers, cache=self.cache)
+            self.teachers = DeviceTeachers(model, teachers, cache=self.cache, teaching=self.fleet.teaching)

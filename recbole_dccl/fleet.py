@@ -1,0 +1,121 @@
+"""A realistic fleet: which devices take part in a round, whose upload arrives, and what the cloud receives.
+
+In round r, from the seed and r alone (so the same in every process, rank and resumed run), each device is
+sampled with probability ``device_participation`` and trains; a sampled device's upload is lost with probability
+``device_dropout`` (it keeps its new metapatch; the cloud never sees it). Devices not sampled keep running their
+last metapatch, and only sampled devices receive the encoder's new one after step 2. MoMoDistill's teachers are the
+devices that uploaded this round, or with ``stale_teachers`` every device with its last uploaded metapatch.
+
+What an uploading device sends: its new metapatch; with ``dp_clip`` its change from the metapatch it started the
+round with, clipped to that L2 norm, plus Gaussian noise of standard deviation ``dp_noise_multiplier * dp_clip``
+(user-level: one vector per user and round); then encoded as ``upload_dtype`` (:mod:`dccl_device.upload`, the
+format a real device writes too). :class:`PrivacyAccount` reports the epsilon of these uploads at ``dp_delta``
+(Opacus's RDP accountant, sampling rate ``device_participation``). It covers the uploaded metapatches only: the
+rows the cloud takes in each round, and the personal memory's fit, are outside it.
+
+The defaults (participation 1, dropout 0, float32, no clip) take every path of the trainer as before this module.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dccl_device.upload import decode, encode, upload_bytes
+from recbole_dccl.errors import InputError
+
+PARTICIPATION, DROPOUT, NOISE = range(3)  # the fleet's random streams, apart from every other stream of the run
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    participation: float
+    dropout: float
+    stale_teachers: bool
+    upload_dtype: str
+    dp_clip: float | None
+    dp_noise_multiplier: float
+    dp_delta: float
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(
+            config["device_participation"], config["device_dropout"], config["stale_teachers"],
+            config["upload_dtype"], config["dp_clip"], config["dp_noise_multiplier"], config["dp_delta"],
+        )
+
+    @property
+    def whole(self):
+        """Every device trains and uploads every round."""
+        return self.participation == 1 and self.dropout == 0
+
+
+class RoundFleet:
+    """Round ``round_idx``'s fleet of ``n_users`` devices (user 0, RecBole's padding, never takes part):
+    ``sampled`` and ``uploaded`` (``[n_users]`` bool)."""
+
+    def __init__(self, settings, n_users, seed, round_idx):
+        self.settings, self.n_users, self.seed, self.round_idx = settings, n_users, seed, round_idx
+        draws = [self._stream(stream).random(n_users) for stream in (PARTICIPATION, DROPOUT)]
+        sampled = draws[0] < settings.participation
+        sampled[0] = False
+        self.sampled = torch.from_numpy(sampled)
+        self.uploaded = torch.from_numpy(sampled & (draws[1] >= settings.dropout))
+
+    def _stream(self, stream):
+        return np.random.default_rng([self.seed, self.round_idx, stream])
+
+    @property
+    def teaching(self):
+        """Which users' rows MoMoDistill distils from (``None``: all of them)."""
+        settings = self.settings
+        return None if settings.whole or settings.stale_teachers else self.uploaded
+
+    def receive(self, users, new, start):
+        """What the cloud reads from ``users`` (those that uploaded) whose devices trained from ``start`` to
+        ``new`` (``[devices, k]``)."""
+        settings, sent = self.settings, new
+        if settings.dp_clip is not None:
+            change = new - start
+            change = change * (settings.dp_clip / change.norm(dim=1, keepdim=True)).clamp(max=1)
+            noise = self._stream(NOISE).standard_normal((self.n_users, new.shape[1]))  # every user's: rank-independent
+            noise = torch.from_numpy(noise[users.cpu().numpy()]).to(new)
+            sent = start + change + settings.dp_noise_multiplier * settings.dp_clip * noise
+        if settings.upload_dtype != "float32":
+            sent = torch.from_numpy(decode(encode(sent.detach().cpu().numpy(), settings.upload_dtype))).to(new)
+        return sent
+
+    def summary(self, metapatch_dim):
+        """Counts and bytes of the round, for the log and ``result_file``."""
+        uploaded = int(self.uploaded.sum())
+        per_device = upload_bytes(metapatch_dim, self.settings.upload_dtype)
+        return {"round": self.round_idx, "sampled": int(self.sampled.sum()), "uploaded": uploaded,
+                "upload_bytes_per_device": per_device, "upload_bytes": uploaded * per_device}
+
+
+class PrivacyAccount:
+    """The privacy loss of the uploads with ``dp_noise_multiplier`` > 0: epsilon at ``dp_delta`` after a number of
+    rounds, each a sampled Gaussian mechanism (sampling rate ``device_participation``), by Opacus's RDP accountant.
+    Stateless (a number of rounds in, epsilon out), so a resumed run reports what the uninterrupted one would."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.accountant_class = rdp_accountant()
+
+    def epsilon(self, rounds):
+        accountant = self.accountant_class()
+        settings = self.settings
+        accountant.history = [(settings.dp_noise_multiplier, settings.participation, rounds)]
+        return float(accountant.get_epsilon(delta=settings.dp_delta))
+
+
+def rdp_accountant():
+    """Opacus's ``RDPAccountant`` (the ``privacy`` extra), or an :class:`InputError` saying how to get it."""
+    try:
+        from opacus.accountants import RDPAccountant
+    except ImportError as error:
+        raise InputError(
+            f"dp_noise_multiplier: accounting the privacy loss needs Opacus ({error}); install the 'privacy' extra: "
+            "pip install '.[privacy]'"
+        ) from None
+    return RDPAccountant
