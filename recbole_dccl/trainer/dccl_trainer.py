@@ -251,7 +251,9 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         result = personalise(self.model, local, start_metapatch, settings, self.config["seed"] + round_idx, keep=keep)
         users, metapatch = gather_user_rows(self.config, local.users, result.metapatch, len(self.model.metapatch))
         uploaded = fleet.uploaded.to(self.device)[users]
-        received = fleet.receive(users[uploaded], metapatch[uploaded], self.model.metapatch[users][uploaded])
+        started = self.model.metapatch[users]
+        received = fleet.receive(users[uploaded], metapatch[uploaded], started[uploaded])
+        change = (metapatch - started).norm(dim=1).median() if len(users) else torch.tensor(float("nan"))
         self.model.metapatch[users] = metapatch
         self.model.uploaded_metapatch[users[uploaded]] = received
         adopted = sum_over_ranks(self.config, int(result.adopted.sum()))
@@ -259,12 +261,13 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         n_trained = sum_over_ranks(self.config, int(trained.sum()))
         loss = sum_over_ranks(self.config, float(result.train_loss[trained].sum())) / n_trained if n_trained else float("nan")
         self.phase_values = {"loss/device": loss, "adopted_share": adopted / max(len(users), 1), **memory_values,
-                             **self._fleet_values(round_idx)}
+                             "metapatch_change_median": float(change), **self._fleet_values(round_idx)}
         seconds = time() - start
         self.record.phase_seconds[f"round {round_idx} device"] = seconds
         self._log(
             f"round {round_idx} device phase [time: {seconds:.2f}s, devices: {len(users)}, rows: {len(rows)}, "
-            f"adopted their patch: {int(adopted)}, uploads received: {int(uploaded.sum())}]"
+            f"adopted their patch: {int(adopted)}, uploads received: {int(uploaded.sum())}, median L2 change of a "
+            f"metapatch: {float(change):.4f}]"
         )
 
     def momodistill(self, round_idx):
