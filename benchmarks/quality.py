@@ -62,6 +62,9 @@ BENCHMARK_KEYS = ("backbone", "protocol", "fresh_interactions", "rounds", "cold_
                   "cloud_checkpoint", "resume", "result_file")
 RANKING_METRICS = ("ndcg@10", "hit@10", "gauc")  # gauc: sampled ranking (uniN) of CTR backbones
 SHARE = "repeat_share@10"  # the share of the users' own items in their top 10 (runs with target_types)
+# The fleet's keys (recbole_dccl/fleet.py) at the values of a whole fleet sending float32 without noise.
+WHOLE_FLEET = {"device_participation": 1.0, "device_dropout": 0.0, "stale_teachers": False, "upload_dtype": "float32",
+               "dp_clip": None, "dp_noise_multiplier": 0.0}
 BOOTSTRAP_SAMPLES = 2000
 CELL_SUFFIX = ".json.xz"
 DECLARATION = "benchmark.yaml"  # what a folder measures: quality.py's arguments, as data
@@ -313,7 +316,38 @@ def summarise(cells, variants, seeds, versus=()):
     summary["rounds"] = round_curves(cells, dccl, seeds, metrics[0])
     summary["by_rounds"] = by_rounds(cells, dccl, seeds, metrics[0])
     summary["cold_start"] = cold_start_rows(cells, variants, seeds, metrics)
+    fleet = fleet_rows(cells, dccl, seeds, summary)
+    if fleet:
+        summary["fleet"] = fleet
     return summary
+
+
+def fleet_rows(cells, variants, seeds, summary):
+    """Per DCCL variant, where any variant's fleet is not the whole one: what its devices sent (uploads and bytes
+    per round, mean over rounds and seeds), the epsilon after its last round, the device phase's seconds per round,
+    and its device view's test metric and gain (deployed)."""
+    settings = summary["settings"]
+    if all(all(settings[v].get(key, value) == value for key, value in WHOLE_FLEET.items()) for v in variants):
+        return {}
+    main, rows = summary["metrics"][0], {}
+    for variant in variants:
+        reports = [cells[variant, seed].get("fleet") for seed in seeds]
+        if not all(reports):
+            continue
+        seconds = [value for seed in seeds for phase, value in cells[variant, seed]["phase_seconds"].items()
+                   if phase.endswith(" device")]
+        deployed = summary["rows"][f"{variant} device deployed"]
+        rows[variant] = {
+            "uploads_per_round": statistics.fmean(entry["uploaded"] for report in reports for entry in report),
+            "upload_bytes_per_device": reports[0][0]["upload_bytes_per_device"],
+            "upload_bytes_per_round": statistics.fmean(entry["upload_bytes"] for report in reports for entry in report),
+            "epsilon": reports[0][-1].get("epsilon"),
+            "delta": reports[0][-1].get("delta"),
+            "device_seconds_per_round": statistics.fmean(seconds),
+            "device_deployed_test": deployed["test"][main],
+            "device_deployed_gain": deployed["paired_gain"][main],
+        }
+    return rows
 
 
 def versus_row(results, baselines, metrics, members, least_active, types):
@@ -463,6 +497,17 @@ def markdown(summary):
                 lines.append(f"| {variant} | {rounds} | " + " | ".join(
                     f"{row[view][reading]:.4f}" for view in ("cloud", "device") for reading in ("selected", "deployed")
                 ) + " |")
+    if summary.get("fleet"):
+        lines += ["", f"The fleet (per round, mean over rounds and seeds) and the device view's test {main}, deployed:",
+                  "", "| variant | uploads | bytes per device | bytes | epsilon | device phase s | "
+                  f"test {main} | gain vs cloud-only |", "|---" * 8 + "|"]
+        for variant, row in summary["fleet"].items():
+            epsilon = "—" if row["epsilon"] is None else f"{row['epsilon']:.2f} (delta {row['delta']:g})"
+            lines.append(
+                f"| {variant} | {row['uploads_per_round']:.0f} | {row['upload_bytes_per_device']} | "
+                f"{row['upload_bytes_per_round']:,.0f} | {epsilon} | {row['device_seconds_per_round']:.1f} | "
+                f"{fmt(row['device_deployed_test'])} | {gain(row['device_deployed_gain'])} |"
+            )
     if summary["cold_start"]:
         lines += ["", "Cold-start users (the `cold` group, held out of all cloud training); gain per seed:", "",
                   f"| model | users | valid {main} | " + " | ".join(f"test {m}" for m in metrics) + " | "
@@ -503,6 +548,28 @@ def plot(summary, out):
             axes.plot(steps, curve["device"], marker="s", linestyle="--", label=f"{variant} device")
     axes.set_xticks(np.arange(len(longest)), longest, rotation=30, fontsize="small")
     save_figure(figure, axes, "round:phase", f"test {main} (mean over seeds)", os.path.join(out, "rounds.png"))
+    if summary.get("fleet"):
+        plot_fleet(summary["fleet"], main, os.path.join(out, "fleet.png"))
+
+
+def plot_fleet(fleet, metric, path):
+    """``fleet.png``: each variant's deployed device gain over cloud-only (95% interval), labelled with what a
+    device sends per round and the epsilon."""
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(max(6, 1.1 * len(fleet)), 4))
+    names = list(fleet)
+    gains = [100 * fleet[name]["device_deployed_gain"]["gain"] for name in names]
+    low = [100 * fleet[name]["device_deployed_gain"].get("ci95", [np.nan] * 2)[0] for name in names]
+    high = [100 * fleet[name]["device_deployed_gain"].get("ci95", [np.nan] * 2)[1] for name in names]
+    axes.bar(np.arange(len(names)), gains, yerr=[np.subtract(gains, low), np.subtract(high, gains)], capsize=3,
+             label="device view, deployed")
+    for index, name in enumerate(names):
+        row = fleet[name]
+        text = f"{row['upload_bytes_per_device']} B" + ("" if row["epsilon"] is None else f"\neps {row['epsilon']:.1f}")
+        axes.annotate(text, (index, 0), ha="center", va="bottom", fontsize="x-small")
+    axes.set_xticks(np.arange(len(names)), names, rotation=30, fontsize="small")
+    save_figure(figure, axes, "variant", f"test {metric} gain over cloud-only (%)", path)
 
 
 def bars(rows, part, names, metric, xlabel, path):

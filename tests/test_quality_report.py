@@ -286,3 +286,28 @@ def test_a_run_takes_the_declared_settings_and_a_variant_wins_over_them(tmp_path
     (command,) = commands
     assert "--epochs=20" in command and "--device_epochs=5" in command
     assert not [arg for arg in command if arg == "--device_epochs=3"]
+
+
+def test_a_folder_of_fleet_variants_reports_what_each_sent(tmp_path):
+    """Variants with a realistic fleet get a table (and fleet.png) of uploads, bytes, epsilon and the device gain;
+    a folder whose variants all run the whole fleet gets none (its summary as before)."""
+    os.makedirs(tmp_path / "cells")
+    base = np.random.default_rng(0).uniform(0.1, 0.5, len(USERS))
+    int8 = {**dccl_defaults(), "upload_dtype": "int8", "dp_clip": 0.5, "dp_noise_multiplier": 1.0}
+    for name, settings, sent, uploads, epsilon in (("dccl", dccl_defaults(), 256, 40, None), ("int8", int8, 68, 20, 3.5)):
+        content = cell(view(base), view(base), view(base * 1.1))
+        content["config"] = settings
+        content["phase_seconds"] = {"round 1 device": 10.0, "round 1 momodistill": 1.0}
+        fleet = {"round": 1, "sampled": uploads, "uploaded": uploads, "upload_bytes_per_device": sent,
+                 "upload_bytes": uploads * sent}
+        content["fleet"] = [fleet if epsilon is None else {**fleet, "epsilon": epsilon, "delta": 1e-5}]
+        write_result_file(quality.cell_path(str(tmp_path), name, 2020), content)
+    summary = quality.summarise(quality.load_cells(str(tmp_path), ["dccl", "int8"], [2020]), ["dccl", "int8"], [2020])
+    assert summary["fleet"]["int8"]["upload_bytes_per_round"] == 20 * 68 and summary["fleet"]["int8"]["epsilon"] == 3.5
+    assert summary["fleet"]["dccl"]["epsilon"] is None and summary["fleet"]["dccl"]["device_seconds_per_round"] == 10.0
+    assert summary["fleet"]["int8"]["device_deployed_gain"]["gain"] == pytest.approx(0.1)
+    assert "| int8 | 20 | 68 | 1,360 | 3.50 (delta 1e-05) | 10.0 |" in quality.markdown(summary)
+    quality.plot(summary, str(tmp_path))
+    assert os.path.isfile(tmp_path / "fleet.png")
+    whole = quality.summarise(quality.load_cells(str(tmp_path), ["dccl"], [2020]), ["dccl"], [2020])
+    assert "fleet" not in whole
