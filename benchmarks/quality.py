@@ -63,8 +63,8 @@ BENCHMARK_KEYS = ("backbone", "protocol", "fresh_interactions", "rounds", "cold_
 RANKING_METRICS = ("ndcg@10", "hit@10", "gauc")  # gauc: sampled ranking (uniN) of CTR backbones
 SHARE = "repeat_share@10"  # the share of the users' own items in their top 10 (runs with target_types)
 # The fleet's keys (recbole_dccl/fleet.py) at the values of a whole fleet sending float32 without noise.
-WHOLE_FLEET = {"device_participation": 1.0, "device_dropout": 0.0, "stale_teachers": False, "upload_dtype": "float32",
-               "dp_clip": None, "dp_noise_multiplier": 0.0}
+WHOLE_FLEET = {"device_participation": 1.0, "device_dropout": 0.0, "device_availability": None, "stale_teachers": False,
+               "upload_dtype": "float32", "dp_clip": None, "dp_noise_multiplier": 0.0}
 BOOTSTRAP_SAMPLES = 2000
 CELL_SUFFIX = ".json.xz"
 DECLARATION = "benchmark.yaml"  # what a folder measures: quality.py's arguments, as data

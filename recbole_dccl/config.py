@@ -141,6 +141,7 @@ SETTING_RULES = {
     # the fleet (recbole_dccl/fleet.py); upload_dtype: DeviceSettings
     "device_participation": (lambda v: _NUMBER(v) and 0 < v <= 1, "a number in (0, 1]"),
     "device_dropout": (lambda v: _NUMBER(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "device_availability": (lambda v: v is None or (isinstance(v, str) and os.path.isfile(v)), "None or an existing trace file"),
     "stale_teachers": (lambda v: isinstance(v, bool), "True or False"),
     "dp_clip": (lambda v: v is None or (_NUMBER(v) and v > 0), "None or a number > 0"),
     "dp_noise_multiplier": _NON_NEGATIVE,

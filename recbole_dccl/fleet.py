@@ -1,7 +1,8 @@
 """A realistic fleet: which devices take part in a round, whose upload arrives, and what the cloud receives.
 
-In round r, from the seed and r alone (so the same in every process, rank and resumed run), each device is
-sampled with probability ``device_participation`` and trains; a sampled device's upload is lost with probability
+In round r, from the seed and r alone (so the same in every process, rank and resumed run), each device online
+in r (every device, or those a ``device_availability`` trace lists for r: :func:`read_availability`) is sampled
+with probability ``device_participation`` and trains; a sampled device's upload is lost with probability
 ``device_dropout`` (it keeps its new metapatch; the cloud never sees it). Devices not sampled keep running their
 last metapatch, and only sampled devices receive the encoder's new one after step 2. MoMoDistill's teachers are the
 devices that uploaded this round, or with ``stale_teachers`` every device with its last uploaded metapatch.
@@ -52,12 +53,16 @@ class FleetSettings:
 
 class RoundFleet:
     """Round ``round_idx``'s fleet of ``n_users`` devices (user 0, RecBole's padding, never takes part):
-    ``sampled`` and ``uploaded`` (``[n_users]`` bool)."""
+    ``sampled`` and ``uploaded`` (``[n_users]`` bool); ``online``: who may take part (``[n_users]`` bool, ``None``:
+    everyone)."""
 
-    def __init__(self, settings, n_users, seed, round_idx):
+    def __init__(self, settings, n_users, seed, round_idx, online=None):
         self.settings, self.n_users, self.seed, self.round_idx = settings, n_users, seed, round_idx
+        self.whole = settings.whole and online is None
         draws = [self._stream(stream).random(n_users) for stream in (PARTICIPATION, DROPOUT)]
         sampled = draws[0] < settings.participation
+        if online is not None:
+            sampled &= np.asarray(online)
         sampled[0] = False
         self.sampled = torch.from_numpy(sampled)
         self.uploaded = torch.from_numpy(sampled & (draws[1] >= settings.dropout))
@@ -68,8 +73,7 @@ class RoundFleet:
     @property
     def teaching(self):
         """Which users' rows MoMoDistill distils from (``None``: all of them)."""
-        settings = self.settings
-        return None if settings.whole or settings.stale_teachers else self.uploaded
+        return None if self.whole or self.settings.stale_teachers else self.uploaded
 
     def receive(self, users, new, start):
         """What the cloud reads from ``users`` (those that uploaded) whose devices trained from ``start`` to
@@ -107,6 +111,37 @@ class PrivacyAccount:
         settings = self.settings
         accountant.history = [(settings.dp_noise_multiplier, settings.participation, rounds)]
         return float(accountant.get_epsilon(delta=settings.dp_delta))
+
+
+def read_availability(path, dataset, rounds):
+    """A ``device_availability`` trace: a tab-separated file with a header, one line per user, its token and the
+    rounds (1..``rounds``) it is online, separated by spaces::
+
+        user_id:token	rounds:token_seq
+        u17	1 3
+        u42	2
+
+    Returns ``[rounds + 1, n_users]`` bool (row r: who is online in round r). A user the trace does not list is
+    never online; a token the dataset does not know (a user RecBole filtered out) is skipped. A malformed line is an
+    :class:`InputError` naming the file and the line."""
+    online = np.zeros((rounds + 1, dataset.user_num), dtype=bool)
+    with open(path) as file:
+        lines = file.read().splitlines()
+    known = dataset.field2token_id[dataset.uid_field]
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        token, tab, listed = line.partition("\t")
+        try:
+            online_rounds = [int(value) for value in listed.split()] if tab else None
+        except ValueError:
+            online_rounds = None
+        if online_rounds is None or any(not 1 <= value <= rounds for value in online_rounds):
+            raise InputError(f"device_availability: [{path}] line {number} ({line!r}) must be a user token, a tab and "
+                             f"the rounds it is online, integers from 1 to {rounds} separated by spaces.")
+        if token in known:
+            online[online_rounds, known[token]] = True
+    return torch.from_numpy(online)
 
 
 def rdp_accountant():

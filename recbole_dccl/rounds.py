@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from recbole.data.dataloader import TrainDataLoader
 
+from recbole_dccl.fleet import read_availability
 from recbole_dccl.negatives import NO_NEGATIVES, RoundNegatives, samples_negatives
 
 PROTOCOLS = ("incremental", "static")
@@ -96,6 +97,9 @@ class RoundSchedule:
         self.from_newest = from_newest
         self.cold_users = cold_start_users(np.unique(users), config["cold_start_ratio"], config["seed"])
         self.is_cold = np.isin(users, self.cold_users)
+        availability = config["device_availability"]
+        # [rounds + 1, n_users] bool: who is online in which round (None: every device, every round)
+        self.online = read_availability(availability, self.dataset, self.rounds) if availability else None
 
     def cloud_rows(self):
         """Rows round 0 trains the cloud on."""

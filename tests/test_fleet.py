@@ -136,3 +136,33 @@ def test_a_fleet_that_samples_every_device_trains_as_the_whole_fleet(tiny_config
     sampled, _, fleet = device_round({**tiny_config, "device_valid_size": 0, "device_participation": 0.999999})
     assert fleet.sampled[1:].all()
     assert torch.equal(whole.metapatch, sampled.metapatch)
+
+
+def test_an_availability_trace_decides_who_may_take_part(tiny_config, tmp_path):
+    trace = tmp_path / "online.tsv"
+    # users 1-10 online in round 1, users 5-30 in round 2; "ghost" is not in the dataset (RecBole filtered it out)
+    lines = [f"{user}\t1" for user in range(1, 5)] + [f"{user}\t1 2" for user in range(5, 11)]
+    lines += [f"{user}\t2" for user in range(11, 31)] + ["ghost\t1"]
+    trace.write_text("user_id:token\trounds:token_seq\n" + "\n".join(lines) + "\n")
+    settings = {**tiny_config, "rounds": 2, "device_availability": str(trace), "device_participation": 0.8}
+    config, (train_data, _, _), model, trainer = build(settings)
+    schedule = RoundSchedule(config, train_data)
+    dataset = train_data.dataset
+    for round_idx, users in ((1, range(1, 11)), (2, range(5, 31))):
+        online = torch.zeros(dataset.user_num, dtype=torch.bool)
+        online[dataset.token2id(dataset.uid_field, [str(user) for user in users])] = True
+        assert torch.equal(schedule.online[round_idx], online)
+        trainer.start_round(schedule, round_idx)
+        fleet = trainer.round.fleet
+        assert not fleet.whole and not (fleet.sampled & ~online).any() and fleet.sampled.sum() > 0.5 * len(users)
+
+
+@pytest.mark.parametrize("line", ["u1\t0", "u1\t3", "u1\tfirst", "u1"])
+def test_a_malformed_trace_is_refused_before_training(tiny_config, tmp_path, line):
+    trace = tmp_path / "online.tsv"
+    trace.write_text(f"user_id:token\trounds:token_seq\n{line}\n")
+    config, (train_data, _, _), _, _ = build({**tiny_config, "rounds": 2, "device_availability": str(trace)})
+    with pytest.raises(InputError, match=r"device_availability: .*line 2"):
+        RoundSchedule(config, train_data)
+    with pytest.raises(InputError, match="device_availability: .*existing trace file"):
+        build({**tiny_config, "device_availability": str(tmp_path / "missing.tsv")})

@@ -180,7 +180,7 @@ def test_the_dccl_variant_is_the_shipped_defaults_in_every_committed_folder():
     method_defaults = {key: value for key, value in dccl_defaults().items() if key not in quality.BENCHMARK_KEYS}
     expected = {name: {**method_defaults, **quality.VARIANTS[name]} for name in ("dccl", "v2", "v1")}
     # Keys added after a folder's cells were run, at the value that runs as the code did before them.
-    predated = {"device_memory": False, "memory_gate": False, "device_participation": 1.0, "device_dropout": 0.0,
+    predated = {"device_memory": False, "memory_gate": False, "device_participation": 1.0, "device_dropout": 0.0, "device_availability": None,
                 "stale_teachers": False, "upload_dtype": "float32", "dp_clip": None, "dp_noise_multiplier": 0.0,
                 "dp_delta": 1e-5}
     assert quality.VARIANTS["dccl"] == {}

@@ -1,6 +1,8 @@
 """Round 0 (the cloud-only model) must not depend on any device-side setting: a user comparing two device settings in
 two runs compares them on one cloud model."""
 
+import os
+
 import torch
 
 from recbole_dccl.defaults import dccl_defaults
@@ -16,6 +18,7 @@ OTHER_VALUES = {
     "device_participation": 0.5,
     "device_dropout": 0.3,
     "stale_teachers": True,
+    "device_availability": "a trace file",  # written by other_values
     "upload_dtype": "int8",
     "dp_clip": 1.0,
     "dp_noise_multiplier": 0.5,
@@ -47,6 +50,15 @@ ROUND_0_KEYS = ("backbone", "protocol", "fresh_interactions", "rounds", "cold_st
 FILE_KEYS = ("cloud_checkpoint", "resume", "result_file")
 
 
+def other_values(folder):
+    """:data:`OTHER_VALUES` with a ``device_availability`` trace written to ``folder`` (every tiny user online in
+    round 1)."""
+    trace = os.path.join(folder, "online.tsv")
+    with open(trace, "w") as file:
+        file.write("user_id:token\trounds:token_seq\n" + "".join(f"{user}\t1\n" for user in range(1, 31)))
+    return {**OTHER_VALUES, "device_availability": trace}
+
+
 def backbone_and_stream(config_dict):
     """The freshly built backbone's weights and the global random stream round 0 then trains from."""
     _, _, model, _ = build(config_dict)
@@ -57,9 +69,9 @@ def test_every_device_side_key_is_covered():
     assert set(OTHER_VALUES) == set(dccl_defaults()) - set(ROUND_0_KEYS) - set(FILE_KEYS)
 
 
-def test_round_0_starts_from_the_same_backbone_and_random_stream_for_every_device_side_key(tiny_config):
+def test_round_0_starts_from_the_same_backbone_and_random_stream_for_every_device_side_key(tiny_config, tmp_path):
     weights, stream = backbone_and_stream(tiny_config)
-    for key, value in {**OTHER_VALUES, "device_method": "none"}.items():
+    for key, value in {**other_values(tmp_path), "device_method": "none"}.items():
         other_weights, other_stream = backbone_and_stream({**tiny_config, key: value, **NEEDS.get(key, {})})
         assert torch.equal(other_stream, stream), key
         assert other_weights.keys() == weights.keys(), key
@@ -68,7 +80,7 @@ def test_round_0_starts_from_the_same_backbone_and_random_stream_for_every_devic
 
 def test_round_0_model_is_bit_for_bit_the_same_whatever_the_device_side_settings(tiny_config, tmp_path):
     models = []
-    for name, settings in (("defaults", {}), ("others", OTHER_VALUES)):
+    for name, settings in (("defaults", {}), ("others", other_values(tmp_path))):
         path = str(tmp_path / f"{name}.pth")
         run_recbole_dccl(model="DCCL", dataset="tiny", config_dict={**tiny_config, **settings, "epochs": 1,
                          "cloud_checkpoint": path}, saved=False, verbose=False)

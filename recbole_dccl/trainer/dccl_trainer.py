@@ -37,6 +37,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         # device_method none: no device phase and no step 2; the device view is the cloud view.
         self.has_devices = config["device_method"] != "none"
         self.fleet_settings = FleetSettings.from_config(config)
+        self.availability = None  # set at each round's start from the RoundSchedule
         self.record = RunRecord()
         self.round = None  # the RoundState of the round being run
         self.phase_values = {}  # what the phase being run measured, for phase_log
@@ -115,8 +116,8 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         init_seed(self.config["seed"] + self.config["local_rank"] + round_idx, self.config["reproducibility"])
         rows = schedule.training_rows(schedule.device_rows(round_idx), round_idx)
         self.model.user_history = schedule.user_history(round_idx, *self.model.user_history.shape).to(self.device)
-        fleet = RoundFleet(self.fleet_settings, len(self.model.metapatch), self.config["seed"], round_idx)
-        self.round = RoundState(rows.loader(self.config), None, fleet)
+        self.availability = schedule.online  # who is online in which round (device_availability), or None
+        self.round = RoundState(rows.loader(self.config), None, self._round_fleet(round_idx))
         self.round.cache = self.row_cache()
         return rows
 
@@ -241,7 +242,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
                       f"{', '.join(f'{name} {value:.3f}' for name, value in memory_values.items())}")
         local = LocalData.from_rows(rows, settings.valid_size, self.device, share=user_share(self.config))
         fleet = self.round.fleet
-        if not self.fleet_settings.whole:  # the devices sampled this round train; the others keep their metapatch
+        if not fleet.whole:  # the devices sampled this round train; the others keep their metapatch
             local, _ = local.subset(torch.nonzero(fleet.sampled.to(self.device)[local.users]).squeeze(1))
         start_metapatch = self.model.metapatch[local.users]
         # The outputs it computes are kept for MoMoDistill's teachers when the devices hold just the round's rows
@@ -293,7 +294,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
             self.phase_values["loss/shared"] = loss / len(self.round.loader)
         with torch.no_grad():
             users = torch.arange(len(self.model.metapatch), device=self.device)
-            if not self.fleet_settings.whole:  # only the devices sampled this round receive their new metapatch
+            if not self.round.fleet.whole:  # only the devices sampled this round receive their new metapatch
                 users = users[self.round.fleet.sampled.to(self.device)]
             self.model.metapatch[users] = self.model.encode_metapatch(users)
         self.record.phase_seconds[f"round {round_idx} shared"] = time() - start
@@ -404,10 +405,13 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         """Per round: devices sampled, uploads received, bytes sent, and with DP noise the epsilon after it."""
         return [self._fleet_round(round_idx) for round_idx in range(1, self.config["rounds"] + 1)]
 
+    def _round_fleet(self, round_idx):
+        online = None if self.availability is None else self.availability[round_idx]
+        return RoundFleet(self.fleet_settings, len(self.model.metapatch), self.config["seed"], round_idx, online)
+
     def _fleet_round(self, round_idx):
         settings = self.fleet_settings
-        fleet = RoundFleet(settings, len(self.model.metapatch), self.config["seed"], round_idx)
-        summary = fleet.summary(self.model.metapatch.shape[1])
+        summary = self._round_fleet(round_idx).summary(self.model.metapatch.shape[1])
         if settings.dp_noise_multiplier:
             summary.update(epsilon=PrivacyAccount(settings).epsilon(round_idx), delta=settings.dp_delta)
         return summary
@@ -415,7 +419,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
     def _fleet_values(self, round_idx):
         """The round's fleet for the log line of the device phase and TensorBoard."""
         summary = self._fleet_round(round_idx)
-        if not self.fleet_settings.whole or self.fleet_settings.dp_clip is not None:
+        if not self.round.fleet.whole or self.fleet_settings.dp_clip is not None:
             self._log(f"round {round_idx} fleet: " + ", ".join(f"{key} {value}" for key, value in summary.items()
                                                                if key != "round"))
         return {f"fleet/{key}": value for key, value in summary.items() if key != "round"}
