@@ -402,23 +402,24 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         }
 
     def _fleet_report(self):
-        """Per round: devices sampled, uploads received, bytes sent, and with DP noise the epsilon after it."""
-        return [self._fleet_round(round_idx) for round_idx in range(1, self.config["rounds"] + 1)]
+        """Per round: :meth:`_fleet_summary`."""
+        return [self._fleet_summary(self._round_fleet(round_idx)) for round_idx in range(1, self.config["rounds"] + 1)]
 
     def _round_fleet(self, round_idx):
         online = None if self.availability is None else self.availability[round_idx]
         return RoundFleet(self.fleet_settings, len(self.model.metapatch), self.config["seed"], round_idx, online)
 
-    def _fleet_round(self, round_idx):
+    def _fleet_summary(self, fleet):
+        """A round's devices sampled, uploads received and bytes sent, and with DP noise the epsilon after it."""
         settings = self.fleet_settings
-        summary = self._round_fleet(round_idx).summary(self.model.metapatch.shape[1])
+        summary = fleet.summary(self.model.metapatch.shape[1])
         if settings.dp_noise_multiplier:
-            summary.update(epsilon=PrivacyAccount(settings).epsilon(round_idx), delta=settings.dp_delta)
+            summary.update(epsilon=PrivacyAccount(settings).epsilon(fleet.round_idx), delta=settings.dp_delta)
         return summary
 
     def _fleet_values(self, round_idx):
         """The round's fleet for the log line of the device phase and TensorBoard."""
-        summary = self._fleet_round(round_idx)
+        summary = self._fleet_summary(self.round.fleet)
         if not self.round.fleet.whole or self.fleet_settings.dp_clip is not None:
             self._log(f"round {round_idx} fleet: " + ", ".join(f"{key} {value}" for key, value in summary.items()
                                                                if key != "round"))
