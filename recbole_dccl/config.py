@@ -21,7 +21,7 @@ from recbole_dccl.defaults import PROPERTIES_DIR, dccl_defaults
 from recbole_dccl.distributed import init_process_group
 from recbole_dccl.errors import InputError
 from recbole_dccl.model.families import family_of
-from recbole_dccl.fleet import rdp_accountant
+from recbole_dccl.fleet import check_privacy_extra
 from recbole_dccl.rounds import PROTOCOLS
 from recbole_dccl.utils import get_model
 
@@ -170,7 +170,7 @@ def validate_dccl_settings(settings):
         if settings.get("dp_clip") is None:
             raise InputError(f"dp_noise_multiplier: [{settings['dp_noise_multiplier']!r}] needs dp_clip, the norm the "
                              "noise is scaled to; set dp_clip to a number > 0.")
-        rdp_accountant()  # the privacy extra is installed
+        check_privacy_extra()
     if settings.get("result_file"):
         folder = os.path.dirname(os.path.abspath(settings["result_file"]))
         try:

@@ -17,6 +17,7 @@ rows the cloud takes in each round, and the personal memory's fit, are outside i
 The defaults (participation 1, dropout 0, float32, no clip) take every path of the trainer as before this module.
 """
 
+import importlib.util
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,12 +146,19 @@ def read_availability(path, dataset, rounds):
 
 
 def rdp_accountant():
-    """Opacus's ``RDPAccountant`` (the ``privacy`` extra), or an :class:`InputError` saying how to get it."""
-    try:
-        from opacus.accountants import RDPAccountant
-    except ImportError as error:
-        raise InputError(
-            f"dp_noise_multiplier: accounting the privacy loss needs Opacus ({error}); install the 'privacy' extra: "
-            "pip install '.[privacy]'"
-        ) from None
+    """Opacus's ``RDPAccountant`` (the ``privacy`` extra), or an :class:`InputError` saying how to get it. Imported
+    only when a round's epsilon is computed: importing Opacus calls ``logging.basicConfig``, which, before RecBole has
+    set up its logger, would leave RecBole's ``init_logger`` without effect (no log file, no formatted log)."""
+    check_privacy_extra()
+    from opacus.accountants import RDPAccountant
+
     return RDPAccountant
+
+
+def check_privacy_extra():
+    """Refuse, before training, a run that asks for an epsilon without Opacus installed (nothing is imported)."""
+    if importlib.util.find_spec("opacus") is None:
+        raise InputError(
+            "dp_noise_multiplier: accounting the privacy loss needs Opacus, which is not installed; install the "
+            "'privacy' extra: pip install '.[privacy]'"
+        )

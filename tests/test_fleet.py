@@ -1,6 +1,8 @@
 """A realistic fleet (recbole_dccl/fleet.py): which devices train and upload, what the cloud receives, the privacy
 account, and the refusal of bad values."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +168,20 @@ def test_a_malformed_trace_is_refused_before_training(tiny_config, tmp_path, lin
         RoundSchedule(config, train_data)
     with pytest.raises(InputError, match="device_availability: .*existing trace file"):
         build({**tiny_config, "device_availability": str(tmp_path / "missing.tsv")})
+
+
+def test_asking_for_noise_leaves_recboles_log_as_it_is(tiny_config, tmp_path):
+    """Opacus calls logging.basicConfig when imported: validating a DP run must not import it before RecBole's
+    logger is set up (it did, and a DP run's log lost every INFO line). In a process of its own: pytest's has
+    imported Opacus already."""
+    import subprocess
+    import sys
+
+    script = ("import sys, logging; from tests.helpers import build; "
+              f"build({{**{tiny_config!r}, 'dp_clip': 1.0, 'dp_noise_multiplier': 1.0}}); "
+              "print('opacus' in sys.modules, logging.getLogger().handlers)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("False") and "FileHandler" in done.stdout  # RecBole's own log file is set up
