@@ -220,7 +220,9 @@ def paired_gain(results, baselines, metric, users=None, samples=BOOTSTRAP_SAMPLE
         return {"gain": float("nan"), "ci95": [float("nan"), float("nan")]}
     with np.errstate(divide="ignore", invalid="ignore"):
         gains = totals[0] / totals[1] - 1
-    low, high = np.percentile(gains, [2.5, 97.5])
+    # A resample whose users all score 0 under both models has no gain (0 / 0): left out. One where only the
+    # baseline scores 0 has an unbounded one (+inf), kept: a few explore targets can leave the interval open.
+    low, high = np.nanpercentile(gains, [2.5, 97.5])
     return {"gain": float(point[0] / point[1] - 1), "ci95": [float(low), float(high)]}
 
 

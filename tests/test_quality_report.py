@@ -311,3 +311,14 @@ def test_a_folder_of_fleet_variants_reports_what_each_sent(tmp_path):
     assert os.path.isfile(tmp_path / "fleet.png")
     whole = quality.summarise(quality.load_cells(str(tmp_path), ["dccl"], [2020]), ["dccl"], [2020])
     assert "fleet" not in whole
+
+
+def test_a_gain_over_a_few_near_zero_users_has_an_interval_not_nan():
+    """Explore targets: most users score 0 under both models; a resample of only those has no gain and is left out
+    of the interval (it made the interval nan)."""
+    users = list(range(1, 9))
+    result = {"test_users": {"users": users, "ndcg@10": [0.5, 0, 0, 0, 0, 0, 0, 0]}}
+    baseline = {"test_users": {"users": users, "ndcg@10": [0.25, 0, 0, 0, 0, 0, 0, 0.25]}}
+    gain = quality.paired_gain([result], [baseline], "ndcg@10")
+    assert gain["gain"] == 0.0
+    assert not np.isnan(gain["ci95"]).any() and gain["ci95"][0] <= 0.0 <= gain["ci95"][1]
