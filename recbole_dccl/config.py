@@ -20,8 +20,8 @@ from dccl_device.settings import RULES as DEVICE_RULES, DeviceSettings
 from recbole_dccl.defaults import PROPERTIES_DIR, dccl_defaults
 from recbole_dccl.distributed import init_process_group
 from recbole_dccl.errors import InputError
-from recbole_dccl.model.families import family_of
 from recbole_dccl.fleet import check_privacy_extra
+from recbole_dccl.model.families import family_of
 from recbole_dccl.rounds import PROTOCOLS
 from recbole_dccl.utils import get_model
 
@@ -95,10 +95,10 @@ class DCCLConfig(Config):
 # key -> (test, what is valid)
 _POSITIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer")
 _NON_NEGATIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
-_POSITIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")
-_NON_NEGATIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0")
-_NO_DISTRIBUTION = (None, "none", "None")
 _NUMBER = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+_POSITIVE = (lambda v: _NUMBER(v) and v > 0, "a number > 0")
+_NON_NEGATIVE = (lambda v: _NUMBER(v) and v >= 0, "a number >= 0")
+_NO_DISTRIBUTION = (None, "none", "None")
 SETTING_RULES = {
     # RecBole's own keys, as round 0 uses them
     "epochs": _POSITIVE_INT,
@@ -120,7 +120,7 @@ SETTING_RULES = {
     "cloud_method": (lambda v: v in ("data", "momodistill"), "one of ['data', 'momodistill']"),
     "rounds": _POSITIVE_INT,
     "fresh_interactions": _POSITIVE_INT,
-    "cold_start_ratio": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),
+    "cold_start_ratio": (lambda v: _NUMBER(v) and 0 <= v < 1, "a number in [0, 1)"),
     "metapatch_dim": _POSITIVE_INT,
     "patch_rank": _POSITIVE_INT,
     "patch_sites": (
@@ -141,7 +141,9 @@ SETTING_RULES = {
     # the fleet (recbole_dccl/fleet.py); upload_dtype: DeviceSettings
     "device_participation": (lambda v: _NUMBER(v) and 0 < v <= 1, "a number in (0, 1]"),
     "device_dropout": (lambda v: _NUMBER(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "device_availability": (lambda v: v is None or (isinstance(v, str) and os.path.isfile(v)), "None or an existing trace file"),
+    "device_availability": (
+        lambda v: v is None or (isinstance(v, str) and os.path.isfile(v)), "None or an existing trace file"
+    ),
     "stale_teachers": (lambda v: isinstance(v, bool), "True or False"),
     "dp_clip": (lambda v: v is None or (_NUMBER(v) and v > 0), "None or a number > 0"),
     "dp_noise_multiplier": _NON_NEGATIVE,

@@ -12,8 +12,9 @@ like Theta, and fitted once per round on the rows newer than the cloud model
 the plain device view. The cloud never runs it.
 
 The features travel as two fields of the batch, :data:`ITEMS` ``[B, L]`` (0-padded) and :data:`VALUES`
-``[B, L, len(FEATURES) + 1]`` (the row's ``repeat_share`` last): computed here from :class:`Histories` when a batch lacks them, supplied by the device
-itself where an exported model runs (:func:`dccl_device.memory.memory_fields`, numpy only).
+``[B, L, len(FEATURES) + 1]`` (the row's ``repeat_share`` last): computed here from :class:`Histories` when a batch
+lacks them, supplied by the device itself where an exported model runs (:func:`dccl_device.memory.memory_fields`,
+numpy only).
 """
 
 import numpy as np
@@ -111,7 +112,7 @@ class PersonalMemory(nn.Module):
         fields[ITEMS], fields[VALUES] = items.to(device), values.to(device)
 
     def add(self, logits, interaction, weights=None, gate=None):
-        """``logits`` with each row's own items raised by :func:`offsets` (default: the shared weights and gate):
+        """``logits`` with each row's own items raised by :func:`memory_offsets` (default: the shared weights and gate):
         over all items (``[B, n_items]``), or for the row's own item (``[B]``, one logit per row).
         ``interaction[ITEMS]`` names the columns of ``logits`` to raise."""
         weights = self.weights if weights is None else weights

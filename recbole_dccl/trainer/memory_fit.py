@@ -16,11 +16,11 @@ weights of lowest validation cross-entropy (own 1.07, log-count -0.32, log-recen
 5.07) scored NDCG@10 0.3849, below the cloud model, and weights 1, 1, 1 (cross-entropy 6.23) scored 0.4293.
 
 How: every combination of :data:`GRID` for the three weights and :data:`GATES` for the gate (``memory_gate``;
-else gate 0), under each user's current metapatch, on all of the round's rows at once; the best one (the first of equals, so zero weights and gate 0
-where nothing helps). Each row is first
-reduced to what the weights can change: the logits of the user's own items, the target's logit, and the K highest
-logits of the other items (all a top-K rank needs), or a CTR row's own logit. In a deployment each device would
-score the candidates on its new rows and send their sums.
+else gate 0), under each user's current metapatch, on all of the round's rows at once; the best one (the first of
+equals, so zero weights and gate 0 where nothing helps). Each row is first reduced to what the weights can change:
+the logits of the user's own items, the target's logit, and the K highest logits of the other items (all a top-K
+rank needs), or a CTR row's own logit. In a deployment each device would score the candidates on its new rows and
+send their sums.
 """
 
 import re
