@@ -38,6 +38,7 @@ import yaml
 from recbole_dccl.defaults import dccl_defaults
 from recbole_dccl.evaluation import TYPES
 from recbole_dccl.files import read_result_file, write_atomic
+from recbole_dccl.fleet import FLEET_KEYS
 from recbole_dccl.trainer.resume import run_state_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,9 +63,6 @@ BENCHMARK_KEYS = ("backbone", "protocol", "fresh_interactions", "rounds", "cold_
                   "cloud_checkpoint", "resume", "result_file")
 RANKING_METRICS = ("ndcg@10", "hit@10", "gauc")  # gauc: sampled ranking (uniN) of CTR backbones
 SHARE = "repeat_share@10"  # the share of the users' own items in their top 10 (runs with target_types)
-# The fleet's keys (recbole_dccl/fleet.py) at the values of a whole fleet sending float32 without noise.
-WHOLE_FLEET = {"device_participation": 1.0, "device_dropout": 0.0, "device_availability": None, "stale_teachers": False,
-               "upload_dtype": "float32", "dp_clip": None, "dp_noise_multiplier": 0.0}
 BOOTSTRAP_SAMPLES = 2000
 CELL_SUFFIX = ".json.xz"
 DECLARATION = "benchmark.yaml"  # what a folder measures: quality.py's arguments, as data
@@ -328,8 +326,11 @@ def fleet_rows(cells, variants, seeds, summary):
     """Per DCCL variant, where any variant's fleet is not the whole one: what its devices sent (uploads and bytes
     per round, mean over rounds and seeds), the epsilon after its last round, the device phase's seconds per round,
     and its device view's test metric and gain (deployed)."""
-    settings = summary["settings"]
-    if all(all(settings[v].get(key, value) == value for key, value in WHOLE_FLEET.items()) for v in variants):
+    settings, defaults = summary["settings"], dccl_defaults()
+    # The keys that change a run (dp_delta only how its epsilon is reported); a cell run before a key existed ran
+    # at its default.
+    fleet_keys = [key for key in (*FLEET_KEYS, "device_availability") if key != "dp_delta"]
+    if all(settings[v].get(key, defaults[key]) == defaults[key] for v in variants for key in fleet_keys):
         return {}
     main, rows = summary["metrics"][0], {}
     for variant in variants:

@@ -15,9 +15,9 @@ ITEMS, VALUES = "dccl_memory_items", "dccl_memory_values"  # the device model's 
 
 
 def memory_fields(items, times, row_times):
-    """``{ITEMS: [R, L] int64, VALUES: [R, L, len(FEATURES) + 1] float32}`` for rows at ``row_times`` (``[R]``) of a user whose
-    interactions are ``items`` at ``times`` (``[N]`` each, any order): per row, each distinct item the user had
-    strictly before the row's time, by item id, 0-padded (item 0, features 0)."""
+    """``{ITEMS: [R, L] int64, VALUES: [R, L, len(FEATURES) + 1] float32}`` for rows at ``row_times`` (``[R]``) of a
+    user whose interactions are ``items`` at ``times`` (``[N]`` each, any order): per row, each distinct item the
+    user had strictly before the row's time, by item id, 0-padded (item 0, values 0)."""
     order = np.argsort(times, kind="stable")
     items, times = np.asarray(items)[order], np.asarray(times, dtype=np.float64)[order]
     rows = []
@@ -29,9 +29,11 @@ def memory_fields(items, times, row_times):
         count = np.bincount(inverse, minlength=len(own))
         recent = np.bincount(inverse, weights=RECENCY_DECAY**since, minlength=len(own))
         repeat_share = 1 - len(own) / before if before else 0.0
-        rows.append((own, np.stack([np.ones(len(own)), np.log1p(count), np.log1p(recent), np.full(len(own), repeat_share)], 1)))
+        features = [np.ones(len(own)), np.log1p(count), np.log1p(recent), np.full(len(own), repeat_share)]
+        rows.append((own, np.stack(features, 1)))
     width = max([len(own) for own, _ in rows] + [1])
-    fields = {ITEMS: np.zeros((len(rows), width), np.int64), VALUES: np.zeros((len(rows), width, len(FEATURES) + 1), np.float32)}
+    fields = {ITEMS: np.zeros((len(rows), width), np.int64),
+              VALUES: np.zeros((len(rows), width, len(FEATURES) + 1), np.float32)}
     for index, (own, values) in enumerate(rows):
         fields[ITEMS][index, : len(own)] = own
         fields[VALUES][index, : len(own)] = values

@@ -29,6 +29,12 @@ from recbole_dccl.errors import InputError
 PARTICIPATION, DROPOUT, NOISE = range(3)  # the fleet's random streams, apart from every other stream of the run
 
 
+# config key -> FleetSettings field
+FLEET_KEYS = {"device_participation": "participation", "device_dropout": "dropout", "stale_teachers": "stale_teachers",
+              "upload_dtype": "upload_dtype", "dp_clip": "dp_clip", "dp_noise_multiplier": "dp_noise_multiplier",
+              "dp_delta": "dp_delta"}
+
+
 @dataclass(frozen=True)
 class FleetSettings:
     participation: float
@@ -41,10 +47,7 @@ class FleetSettings:
 
     @classmethod
     def from_config(cls, config):
-        return cls(
-            config["device_participation"], config["device_dropout"], config["stale_teachers"],
-            config["upload_dtype"], config["dp_clip"], config["dp_noise_multiplier"], config["dp_delta"],
-        )
+        return cls(**{field: config[key] for key, field in FLEET_KEYS.items()})
 
     @property
     def whole(self):
