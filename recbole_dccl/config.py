@@ -78,6 +78,8 @@ class DCCLConfig(Config):
         if self.backbone_class is not None:
             validate_dccl_settings(self.final_config_dict)
             validate_data_fields(self.final_config_dict)
+        else:
+            validate_settings(self.final_config_dict, PLAIN_MODEL_KEYS)
 
     def _init_device(self):
         if "local_rank" not in self.final_config_dict:
@@ -159,11 +161,21 @@ def setting_rule(key):
     return SETTING_RULES.get(key)
 
 
-def validate_dccl_settings(settings):
-    """Refuse bad DCCL settings before any data is loaded, naming the key, the value and what is valid."""
-    for key, (is_valid, valid) in SETTING_RULES.items():
+# The keys of SETTING_RULES that plain RecBole models read too (properties/overall.yaml).
+PLAIN_MODEL_KEYS = ("resume",)
+
+
+def validate_settings(settings, keys):
+    """Refuse a bad value of any of ``keys`` (of :data:`SETTING_RULES`), naming the key, the value and what is valid."""
+    for key in keys:
+        is_valid, valid = SETTING_RULES[key]
         if not is_valid(settings.get(key)):
             raise InputError(f"{key}: [{settings.get(key)!r}] is not valid; it must be {valid}.")
+
+
+def validate_dccl_settings(settings):
+    """Refuse bad DCCL settings before any data is loaded, naming the key, the value and what is valid."""
+    validate_settings(settings, SETTING_RULES)
     try:
         DeviceSettings.from_config(settings)
     except ValueError as error:

@@ -97,6 +97,11 @@ def test_bad_backbone_and_round_0_settings_are_refused(tiny_config, key, value, 
         DCCLConfig(model="DCCL", dataset="tiny", config_dict={**tiny_config, key: value})
 
 
+def test_a_plain_models_resume_that_does_not_exist_is_refused(tiny_config):
+    with pytest.raises(InputError, match=r"resume: \['no/such/run-state.pth'\] is not valid; it must be None or an existing"):
+        DCCLConfig(model="GRU4Rec", dataset="tiny", config_dict={**tiny_config, "resume": "no/such/run-state.pth"})
+
+
 def test_unknown_model_is_refused_by_name(tiny_config):
     with pytest.raises(InputError, match=r"model: \[Nope\] is not a model RecBole has; it must be one of \['DCCL', 'Frequency'\] or the name"):
         DCCLConfig(model="Nope", dataset="tiny", config_dict=tiny_config)

@@ -189,6 +189,47 @@ def test_run_cut_inside_round_0_resumes_from_its_last_epoch(tiny_config, stoppin
     assert load_safe(resumed.run_state_file, "resume")["round_0"] is None
 
 
+@pytest.mark.parametrize("stopping_step,crash_at", [(10, "epoch 1"), (0, "early stop")])
+def test_plain_model_cut_between_epochs_resumes_to_the_uninterrupted_run(tiny_config, stopping_step, crash_at):
+    """A plain RecBole model (RepeatNet on tafeng_nbr: hours on a CPU) writes its run state after every evaluated
+    epoch as round 0 does: resumed, it trains the epochs left, writes the same best-model file and tests as the
+    uninterrupted run; cut after early stopping, it trains none."""
+    settings = {**tiny_config, "epochs": 4, "stopping_step": stopping_step}
+    _, (train_data, valid_data, test_data), _, reference = build(settings, model="GRU4Rec")
+    epochs_run = []
+    reference.fit(train_data, valid_data, saved=True, callback_fn=lambda epoch_idx, valid_score: epochs_run.append(epoch_idx))
+    expected = reference.evaluate(test_data)
+    stop_epoch = epochs_run[-1]
+    if crash_at == "early stop":
+        assert stop_epoch < 3, "early stopping did not end the tiny run: the test would not test it"
+    should_crash = (lambda epoch: epoch == 1) if crash_at == "epoch 1" else (lambda epoch: epoch == stop_epoch)
+
+    _, (train_data, valid_data, test_data), _, crashing = build(settings, model="GRU4Rec")
+    with pytest.raises(Crash):
+        crashing.fit(train_data, valid_data, saved=True, callback_fn=crash_after_epoch(should_crash))
+    path = run_state_file(crashing.saved_model_file)
+    assert load_safe(path, "resume")["round_0"]["epoch"] == (1 if crash_at == "epoch 1" else stop_epoch)
+
+    _, (train_data, valid_data, test_data), _, resumed = build({**settings, "resume": path}, model="GRU4Rec")
+    resumed_epochs = []
+    resumed.fit(train_data, valid_data, saved=True,
+                callback_fn=lambda epoch_idx, valid_score: resumed_epochs.append(epoch_idx))
+    assert resumed_epochs == [epoch for epoch in epochs_run if epoch > (1 if crash_at == "epoch 1" else stop_epoch)]
+    assert resumed.saved_model_file == crashing.saved_model_file
+    assert resumed.evaluate(test_data) == expected
+    final, best = (load_safe(trainer.saved_model_file, "resume")["state_dict"] for trainer in (resumed, reference))
+    assert [name for name in best if not torch.equal(final[name], best[name])] == []
+
+
+def test_plain_run_state_of_other_settings_is_refused(tiny_config):
+    _, (train_data, valid_data, _), _, trainer = build({**tiny_config, "epochs": 1}, model="GRU4Rec")
+    trainer.fit(train_data, valid_data, saved=True)
+    path = run_state_file(trainer.saved_model_file)
+    _, _, _, other = build({**tiny_config, "epochs": 1, "learning_rate": 0.5, "resume": path}, model="GRU4Rec")
+    with pytest.raises(InputError, match=rf"resume: \[{re.escape(path)}\] was written with other settings .*'learning_rate'"):
+        other.fit(train_data, valid_data, saved=True)
+
+
 NAN = float("nan")
 NAN_IN_PHASE = {
     "cloud": (DCCL, "calculate_loss", lambda self, interaction: self.metapatch.sum() * NAN),

@@ -25,7 +25,7 @@ from recbole_dccl.trainer.device_phase import LocalData, device_settings, person
 from recbole_dccl.trainer.memory_fit import fit_memory
 from recbole_dccl.trainer.momodistill import DeviceTeachers, distill_cloud_epoch, shared_parameters_epoch
 from recbole_dccl.trainer.phase_log import publish_phase
-from recbole_dccl.trainer.resume import ResumedRun, Round0Progress, run_state_file, save_run_state
+from recbole_dccl.trainer.resume import FitProgress, ResumedRun, run_state_file, save_run_state
 from recbole_dccl.trainer.run_state import RoundState, RunRecord
 from recbole_dccl.trainer.site_cache import RowCache
 
@@ -208,7 +208,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         self.model.view = "cloud"
         rows = schedule.cloud_rows()
         loader = train_data if len(rows) == len(train_data.dataset) else schedule.loader(rows)
-        progress = Round0Progress()
+        progress = FitProgress()
         if self.resumed_round_0 is not None:
             progress, self.resumed_round_0 = self.resumed_round_0.restore_round_0(self, loader), None
             self._log(f"round 0: resuming after epoch {progress.epoch}")

@@ -1,5 +1,6 @@
 """Resumable runs: after every phase, and after every evaluated epoch of round 0, ``DCCLTrainer`` writes its whole
-run state to one file, and ``resume`` continues from it.
+run state to one file, and ``resume`` continues from it; a plain RecBole model's run does the same after every
+evaluated epoch (:class:`ResumableFitMixin`).
 
 The run state is everything the rest of the run depends on: the model (backbone W_f, Theta, the encoder, every
 user's metapatch buffers), the trainer's optimizer, the round and phase done, the trainer's two state objects whole
@@ -7,7 +8,7 @@ user's metapatch buffers), the trainer's optimizer, the round and phase done, th
 each view with the device view's state, and phase_seconds), and the random number generators (torch, CUDA, numpy,
 python). Each phase builds its own optimizer, so no optimizer state
 crosses a phase boundary. Inside round 0 (RecBole's own ``fit``, hours on a large dataset) it is also RecBole's
-early-stopping state after the last evaluated epoch (:class:`Round0Progress`): the epoch, the best score so far, the
+early-stopping state after the last evaluated epoch (:class:`FitProgress`): the epoch, the best score so far, the
 evaluations without improvement, the best epoch's weights, and the round-0 loader's shuffling generator. A resumed
 run rebuilds what every round derives from the data, skips the phases the file's run finished, and restores the
 rest just before the first phase it runs: it goes on exactly as the file's run would have.
@@ -23,6 +24,7 @@ import glob
 import logging
 import os
 import random
+from time import time
 
 import numpy as np
 import torch
@@ -30,7 +32,7 @@ import torch
 from recbole_dccl.distributed import is_main_process
 from recbole_dccl.errors import InputError
 from recbole_dccl.files import load_safe, save_atomic
-from recbole_dccl.trainer.checkpoint import check_identity
+from recbole_dccl.trainer.checkpoint import check_identity, plain
 from recbole_dccl.trainer.run_state import RunRecord
 
 PHASES = ("cloud", "device", "momodistill", "shared")  # round 0 is "cloud"; every later round the other three
@@ -77,8 +79,15 @@ def set_rng_states(states):
 
 def save_run_state(path, trainer, round_idx, phase, settings, round_0=None):
     """Write ``trainer``'s run state after ``phase`` of round ``round_idx`` (rank 0 only in distributed runs), or,
-    with ``round_0`` (a :class:`Round0Progress`), after an epoch of round 0 that has not ended."""
-    if not is_main_process(trainer.config):  # global rank 0: RecBole's local rank 0 would write once per machine
+    with ``round_0`` (a :class:`FitProgress`), after an epoch of round 0 that has not ended."""
+    round_state = trainer.round.state(phase) if round_idx else {"loader_generator": None, "teachers": None}
+    save_state(path, trainer, round_idx, phase, settings, round_0, {**round_state, **trainer.record.state()})
+
+
+def save_state(path, trainer, round_idx, phase, settings, round_0, extra):
+    """Write the run state every run has (model, optimizer, random generators, RecBole's fit progress) and
+    ``extra``, on global rank 0 only (RecBole's local rank 0 would write once per machine)."""
+    if not is_main_process(trainer.config):
         return
     state = {
         "identity": run_identity(settings),
@@ -86,11 +95,10 @@ def save_run_state(path, trainer, round_idx, phase, settings, round_0=None):
         "phase": phase,
         "model": trainer.model.state_dict(),
         "optimizer": trainer.optimizer.state_dict(),
-        **(trainer.round.state(phase) if round_idx else {"loader_generator": None, "teachers": None}),
         "round_0": round_0.state() if round_0 is not None else None,
         "rng": rng_states(),
-        **trainer.record.state(),
         "threads": torch.get_num_threads(),
+        **extra,
     }
     save_atomic(state, path)
 
@@ -145,8 +153,8 @@ class ResumedRun:
     def restore_round_0(self, trainer, loader):
         """Model, optimizer, generators and RecBole's early-stopping state as round 0 left them after its last
         evaluated epoch, so that RecBole's ``fit`` goes on with the next epoch (or none, if early stopping had ended
-        it); returns the :class:`Round0Progress` to go on with."""
-        state, progress = self.state, Round0Progress.from_state(self.round_0)
+        it); returns the :class:`FitProgress` to go on with."""
+        state, progress = self.state, FitProgress.from_state(self.round_0)
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         loader.generator.set_state(progress.loader_generator)
@@ -155,9 +163,10 @@ class ResumedRun:
         return progress
 
 
-class Round0Progress:
-    """Where round 0 stands after an evaluated epoch: what RecBole's ``fit`` needs to go on with the next one, the
-    weights of the best epoch so far (round 0 ends with them) and the seconds spent."""
+class FitProgress:
+    """Where RecBole's ``fit`` (DCCL's round 0, or a plain model's training) stands after an evaluated epoch: what it
+    needs to go on with the next one, the weights of the best epoch so far (round 0 ends with them) and the seconds
+    spent."""
 
     def __init__(self):
         self.epoch = -1
@@ -194,3 +203,45 @@ class Round0Progress:
         progress = cls()
         vars(progress).update(state)
         return progress
+
+
+# Settings of a plain model's run that a resumed run may change besides FREE_KEYS: where files go, what is shown.
+PLAIN_FREE_KEYS = ("checkpoint_dir", "data_path", "show_progress", "state", "log_wandb")
+
+
+class ResumableFitMixin:
+    """Put before a RecBole trainer whose ``fit`` is ``Trainer``'s: a plain model's run writes its run state after
+    every evaluated epoch (``<saved_model_file stem>-run.pth``), and with ``resume`` goes on with the next epoch,
+    writing the same best-model file, as the uninterrupted run would have. Identity: every setting but where files go
+    (:data:`FREE_KEYS`, :data:`PLAIN_FREE_KEYS`)."""
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        progress, state_file = FitProgress(), None
+        if self.config["resume"]:
+            resumed = ResumedRun(self.config["resume"], self._settings())
+            self.saved_model_file = best_model_file(resumed.path)
+            progress = resumed.restore_round_0(self, train_data)
+            if self.start_epoch >= self.epochs and progress.best_weights is not None:
+                self.model.load_state_dict(progress.best_weights)  # fit then saves the model it holds as the best
+            self.logger.info(f"resuming from {resumed.path}: done up to epoch {progress.epoch}")
+        if saved:
+            state_file = run_state_file(self.saved_model_file)
+        start = time() - progress.seconds
+
+        def end_of_epoch(epoch_idx, valid_score):
+            progress.record(self, train_data, epoch_idx, time() - start)
+            if state_file:
+                save_state(state_file, self, 0, "cloud", self._settings(), progress, {})
+            if callback_fn:
+                callback_fn(epoch_idx, valid_score)
+
+        return super().fit(train_data, valid_data, verbose, saved, show_progress, end_of_epoch)
+
+    def _settings(self):
+        skipped = (*FREE_KEYS, *PLAIN_FREE_KEYS)
+        return {key: plain(value) for key, value in self.config.final_config_dict.items() if key not in skipped}
+
+
+def best_model_file(path):
+    """The best-model file of the run whose run state is ``path`` (the inverse of :func:`run_state_file`)."""
+    return path[: -len("-run.pth")] + ".pth"
