@@ -197,24 +197,25 @@ def test_plain_model_cut_between_epochs_resumes_to_the_uninterrupted_run(tiny_co
     settings = {**tiny_config, "epochs": 4, "stopping_step": stopping_step}
     _, (train_data, valid_data, test_data), _, reference = build(settings, model="GRU4Rec")
     epochs_run = []
-    reference.fit(train_data, valid_data, saved=True, callback_fn=lambda epoch_idx, valid_score: epochs_run.append(epoch_idx))
+    reference.fit(train_data, valid_data, saved=True,
+                  callback_fn=lambda epoch_idx, valid_score: epochs_run.append(epoch_idx))
     expected = reference.evaluate(test_data)
     stop_epoch = epochs_run[-1]
     if crash_at == "early stop":
         assert stop_epoch < 3, "early stopping did not end the tiny run: the test would not test it"
-    should_crash = (lambda epoch: epoch == 1) if crash_at == "epoch 1" else (lambda epoch: epoch == stop_epoch)
+    cut = 1 if crash_at == "epoch 1" else stop_epoch
 
     _, (train_data, valid_data, test_data), _, crashing = build(settings, model="GRU4Rec")
     with pytest.raises(Crash):
-        crashing.fit(train_data, valid_data, saved=True, callback_fn=crash_after_epoch(should_crash))
+        crashing.fit(train_data, valid_data, saved=True, callback_fn=crash_after_epoch(lambda epoch: epoch == cut))
     path = run_state_file(crashing.saved_model_file)
-    assert load_safe(path, "resume")["round_0"]["epoch"] == (1 if crash_at == "epoch 1" else stop_epoch)
+    assert load_safe(path, "resume")["round_0"]["epoch"] == cut
 
     _, (train_data, valid_data, test_data), _, resumed = build({**settings, "resume": path}, model="GRU4Rec")
     resumed_epochs = []
     resumed.fit(train_data, valid_data, saved=True,
                 callback_fn=lambda epoch_idx, valid_score: resumed_epochs.append(epoch_idx))
-    assert resumed_epochs == [epoch for epoch in epochs_run if epoch > (1 if crash_at == "epoch 1" else stop_epoch)]
+    assert resumed_epochs == [epoch for epoch in epochs_run if epoch > cut]
     assert resumed.saved_model_file == crashing.saved_model_file
     assert resumed.evaluate(test_data) == expected
     final, best = (load_safe(trainer.saved_model_file, "resume")["state_dict"] for trainer in (resumed, reference))

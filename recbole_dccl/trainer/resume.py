@@ -216,9 +216,9 @@ class ResumableFitMixin:
     (:data:`FREE_KEYS`, :data:`PLAIN_FREE_KEYS`)."""
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
-        progress, state_file = FitProgress(), None
+        progress, state_file, settings = FitProgress(), None, self._settings()
         if self.config["resume"]:
-            resumed = ResumedRun(self.config["resume"], self._settings())
+            resumed = ResumedRun(self.config["resume"], settings)
             self.saved_model_file = best_model_file(resumed.path)
             progress = resumed.restore_round_0(self, train_data)
             if self.start_epoch >= self.epochs and progress.best_weights is not None:
@@ -231,7 +231,7 @@ class ResumableFitMixin:
         def end_of_epoch(epoch_idx, valid_score):
             progress.record(self, train_data, epoch_idx, time() - start)
             if state_file:
-                save_state(state_file, self, 0, "cloud", self._settings(), progress, {})
+                save_state(state_file, self, 0, "cloud", settings, progress, {})  # read back as a cut round 0
             if callback_fn:
                 callback_fn(epoch_idx, valid_score)
 
