@@ -41,14 +41,17 @@ PHASES = ("cloud", "device", "momodistill", "shared")  # round 0 is "cloud"; eve
 FREE_KEYS = ("resume", "result_file", "cloud_checkpoint")
 
 
+RUN_STATE_SUFFIX = "-run.pth"  # a run state is its run's best-model file name with this ending
+
+
 def run_state_file(saved_model_file):
     """The run-state file of the run whose best model RecBole saves as ``saved_model_file``."""
-    return os.path.splitext(saved_model_file)[0] + "-run.pth"
+    return os.path.splitext(saved_model_file)[0] + RUN_STATE_SUFFIX
 
 
 def run_state_files(folder):
     """The run-state files in ``folder`` (a run's ``checkpoint_dir``)."""
-    return glob.glob(os.path.join(folder, "*-run.pth"))
+    return glob.glob(os.path.join(folder, "*" + RUN_STATE_SUFFIX))
 
 
 def run_identity(settings):
@@ -244,4 +247,4 @@ class ResumableFitMixin:
 
 def best_model_file(path):
     """The best-model file of the run whose run state is ``path`` (the inverse of :func:`run_state_file`)."""
-    return path[: -len("-run.pth")] + ".pth"
+    return path[: -len(RUN_STATE_SUFFIX)] + ".pth"
