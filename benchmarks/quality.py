@@ -12,12 +12,12 @@ cells there and runs nothing (a missing cell is an error).
 
 Each (variant, seed) cell is one ``run_recbole_dccl.py`` run writing its own result file, compact JSON compressed
 with LZMA (``cells/<variant>-seed<seed>.json.xz``); finished cells are not run again, and a cell cut mid-run goes on
-from the run state in its ``saved/<variant>-seed<seed>/`` folder (after its last phase, or its last epoch of round
-0 or of a plain model), so an interrupted benchmark resumes. (A cell whose settings changed since it was cut is
-refused by ``resume``: delete that folder to start it afresh.) All variants of a seed share one round-0 cloud model (``cloud_checkpoint``):
-their differences are the devices' and the cloud update's alone, and every variant is compared with the cloud-only
-model of its own seed user by user (a cell whose cloud-only reading differs from its seed's other cells started from
-another round 0 and is refused).
+from the run state in its ``saved/<variant>-seed<seed>/`` folder (after its last phase, or its last epoch of round 0
+or of a plain model), so an interrupted benchmark resumes. (A cell whose settings changed since it was cut is
+refused by ``resume``: delete that folder to start it afresh.) All variants of a seed share one round-0 cloud model
+(``cloud_checkpoint``): their differences are the devices' and the cloud update's alone, and every variant is
+compared with the cloud-only model of its own seed user by user (a cell whose cloud-only reading differs from its
+seed's other cells started from another round 0 and is refused).
 
 Writes to ``--out``: ``summary.json``, ``summary.md`` (mean ± std over seeds, overall, per user group and per target
 type, and the paired per-user gain over cloud-only with a 95% bootstrap confidence interval, and over each row named

@@ -210,7 +210,7 @@ class DCCLTrainer(DistributedTrainerMixin, UserGroupEvaluationMixin, SafeCheckpo
         loader = train_data if len(rows) == len(train_data.dataset) else schedule.loader(rows)
         progress = FitProgress()
         if self.resumed_round_0 is not None:
-            progress, self.resumed_round_0 = self.resumed_round_0.restore_round_0(self, loader), None
+            progress, self.resumed_round_0 = self.resumed_round_0.restore_fit(self, loader), None
             self._log(f"round 0: resuming after epoch {progress.epoch}")
         start = time() - progress.seconds  # a resumed round 0 counts the seconds it had spent
 

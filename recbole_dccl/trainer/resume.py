@@ -144,7 +144,7 @@ class ResumedRun:
         """Model and optimizer as they were when the file was written, before a phase of round ``round_idx``; if that
         is the file's round, also the :class:`RoundState` (loader position, teachers) and the random streams (a later
         round seeds its own streams at its start). A round 0 cut between epochs is restored by round 0 itself, once
-        its loader is built (:meth:`restore_round_0`)."""
+        its loader is built (:meth:`restore_fit`)."""
         state = self.state
         trainer.model.load_state_dict(state["model"])
         trainer.model.eval()  # as the file's run left it: every phase ends with an evaluation
@@ -153,10 +153,10 @@ class ResumedRun:
             trainer.round.restore(state, trainer.model, trainer.device)
             set_rng_states(state["rng"])
 
-    def restore_round_0(self, trainer, loader):
-        """Model, optimizer, generators and RecBole's early-stopping state as round 0 left them after its last
-        evaluated epoch, so that RecBole's ``fit`` goes on with the next epoch (or none, if early stopping had ended
-        it); returns the :class:`FitProgress` to go on with."""
+    def restore_fit(self, trainer, loader):
+        """Model, optimizer, generators and RecBole's early-stopping state as RecBole's ``fit`` (round 0, or a plain
+        model's training) left them after its last evaluated epoch, so that it goes on with the next epoch (or none,
+        if early stopping had ended it); returns the :class:`FitProgress` to go on with."""
         state, progress = self.state, FitProgress.from_state(self.round_0)
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
@@ -223,7 +223,7 @@ class ResumableFitMixin:
         if self.config["resume"]:
             resumed = ResumedRun(self.config["resume"], settings)
             self.saved_model_file = best_model_file(resumed.path)
-            progress = resumed.restore_round_0(self, train_data)
+            progress = resumed.restore_fit(self, train_data)
             if self.start_epoch >= self.epochs and progress.best_weights is not None:
                 self.model.load_state_dict(progress.best_weights)  # fit then saves the model it holds as the best
             self.logger.info(f"resuming from {resumed.path}: done up to epoch {progress.epoch}")
