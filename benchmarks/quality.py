@@ -22,7 +22,9 @@ seed's other cells started from another round 0 and is refused).
 Writes to ``--out``: ``summary.json``, ``summary.md`` (mean ± std over seeds, overall, per user group and per target
 type, and the paired per-user gain over cloud-only with a 95% bootstrap confidence interval, and over each row named
 by ``--versus``), ``groups.png`` (per-group test NDCG@10), ``types.png`` (per target type: repeat or explore, where
-the cells hold each user's type) and ``rounds.png`` (test NDCG@10 of both views after every phase).
+the cells hold each user's type) and ``rounds.png`` (test NDCG@10 of both views after every phase). A folder of
+baselines alone (plain models train no round 0: run them apart, then copy their cells beside the DCCL cells) gets its
+cells and no summary.
 """
 
 import argparse
@@ -687,6 +689,11 @@ def main():
         for seed in seeds:
             for variant in declared["variants"]:
                 run_cell(args.out, declared, variant, defined[variant], seed)
+    if all(defined[variant].get("model", "DCCL") != "DCCL" for variant in declared["variants"]):
+        # Baselines run on their own (they train no round 0) to be copied into a folder of DCCL cells.
+        print(f"{args.out}: cells of {declared['variants']} written, no summary: every row is paired with a DCCL "
+              "variant's cloud-only model; copy the cells into a folder with the same benchmark.yaml and a DCCL variant")
+        return
     print(write_report(args.out, declared["variants"], seeds, declared["versus"]))
 
 

@@ -276,6 +276,23 @@ def test_a_folder_declares_what_it_measures_and_its_summary_regenerates_exactly(
     assert {name: open(os.path.join(cells, name)).read() for name in written} == written
 
 
+def test_a_folder_of_baselines_alone_writes_its_cells_and_says_why_it_has_no_summary(tmp_path, monkeypatch, capsys):
+    """A baseline trains no round 0, so its cells may run in a folder of their own (RepeatNet: hours on a CPU) and be
+    copied beside DCCL cells; its summary would have no cloud-only model to pair with."""
+    def run(command, **kwargs):
+        result = next(arg.split("=", 1)[1] for arg in command if arg.startswith("--result_file="))
+        write_result_file(result, plain_cell(np.full(len(USERS), 0.3)))
+        return 0
+
+    monkeypatch.setattr(quality.subprocess, "call", run)
+    monkeypatch.setattr(quality.sys, "argv", ["quality.py", f"--out={tmp_path}", "--dataset=tiny", "--seeds=1",
+                                              "--variants=frequency"])
+    quality.main()
+    assert os.path.isfile(quality.cell_path(str(tmp_path), "frequency", 2020))
+    assert not os.path.exists(tmp_path / "summary.json")
+    assert "no summary: every row is paired with a DCCL variant's cloud-only model" in capsys.readouterr().out
+
+
 def test_a_run_takes_the_declared_settings_and_a_variant_wins_over_them(tmp_path, monkeypatch):
     commands = []
     monkeypatch.setattr(quality.subprocess, "call", lambda command, **kwargs: commands.append(command) or 0)
